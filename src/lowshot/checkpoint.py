@@ -1,0 +1,108 @@
+"""Atomic checkpoint writes and safe (weights-only) loads.
+
+A checkpoint is a plain-data dict (tensors, numbers, strings, lists, dicts): ``torch.load`` with
+``weights_only=True`` can read it, and a file carrying pickled code is refused before anything runs.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CheckpointError
+
+CHECKPOINT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename.
+
+    A crash at any point leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """Atomically save a plain-data checkpoint dict."""
+    obj = dict(obj)
+    obj.setdefault("version", CHECKPOINT_VERSION)
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; anything that is not plain data is refused, unexecuted."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
+            f"code on load ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    return obj
+
+
+def export_safetensors(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Export model + head weights (``model.*``, ``head.*``) to a safetensors file."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise CheckpointError("safetensors export needs `pip install safetensors`") from e
+    tensors = {}
+    for part in ("model", "head"):
+        for k, v in (ckpt.get(part) or {}).items():
+            tensors[f"{part}.{k}"] = v.detach().contiguous().cpu()
+    path = Path(path)
+    meta = {"format": "lowshot", "num_classes": str(len(ckpt.get("class_names", [])))}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path

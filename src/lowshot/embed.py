@@ -1,0 +1,73 @@
+"""Embedding export with a checkpoint's own test-time preprocessing."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write, load_checkpoint
+from .config import Config
+from .data.base import ImageDataset
+from .errors import DataError
+from .features import extract_features
+from .models import Classifier, model_from_checkpoint
+from .utils import progress, resolve_device
+
+
+def load_for_inference(checkpoint: str | Path, device: str | torch.device = "cpu"
+                       ) -> tuple[Classifier, Config, Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """Model in eval mode, its config, its test transform and the checkpoint dict."""
+    from .data.transforms import build_transform
+    ckpt = load_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    meta = ckpt["data"]
+    transform = build_transform(False, meta["image_size"], meta["channels"], meta["mean"], meta["std"])
+    return model.to(resolve_device(str(device))).eval(), cfg, transform, ckpt
+
+
+@torch.no_grad()
+def embed_images(checkpoint: str | Path, paths: Sequence[str | Path], *, batch_size: int = 256,
+                 device: str = "auto", show_progress: bool = True) -> dict[str, Any]:
+    """Features of image files / directories (recursive), in sorted path order."""
+    from .data.io import list_images, load_image
+    dev = resolve_device(device)
+    model, _, transform, ckpt = load_for_inference(checkpoint, dev)
+    meta = ckpt["data"]
+    files = list_images([str(p) for p in paths])
+    if not files:
+        raise DataError(f"no images (png/jpg/jpeg/bmp/webp) found under {', '.join(map(str, paths))}")
+    feats = []
+    for i in progress(range(0, len(files), batch_size), total=-(-len(files) // batch_size), desc="embed",
+                      enabled=show_progress):
+        batch = torch.stack([load_image(f, meta["image_size"], meta["channels"]) for f in files[i:i + batch_size]])
+        feats.append(model.backbone(transform(batch.to(dev))).float().cpu())
+    return {"features": torch.cat(feats).numpy().astype(np.float32), "paths": np.array([str(f) for f in files])}
+
+
+def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | None = None, root: str | None = None,
+                        batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+    """Features + labels + class names of a dataset split (default: the checkpoint's dataset)."""
+    from .data import build_dataset
+    dev = resolve_device(device)
+    model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
+    meta = ckpt["data"]
+    name = dataset or cfg.data.name
+    options = cfg.data.options if dataset is None else {}
+    ds: ImageDataset = build_dataset(name, split, root=root if root is not None else (cfg.data.root if dataset is None else None),
+                                     image_size=meta["image_size"], **options)
+    if ds.channels != meta["channels"]:
+        raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
+                        f"{meta['channels']}")
+    feats, labels = extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=True)
+    return {"features": feats.numpy().astype(np.float32), "labels": labels.numpy(),
+            "class_names": np.array(ds.class_names)}
+
+
+def save_npz(path: str | Path, arrays: dict[str, Any]) -> Path:
+    """Atomic .npz write (no pickled objects: strings are stored as fixed-width unicode)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write(Path(path), lambda f: f.write(buf.getvalue()))

@@ -1,0 +1,63 @@
+"""Orthonormal coordinates for the span of each episode's support set.
+
+Fine-tuning a linear/cosine head with SGD (momentum, weight decay) and L2 logistic regression
+both keep the weights inside span(initial weights, support features): every gradient of the
+loss w.r.t. a weight row is a combination of support features, and weight decay and momentum
+only rescale and add such vectors.  Working in an orthonormal basis of the support span
+(``n = way * shot`` dims instead of ``D``) is therefore *exact*, and inner products/norms
+are plain dot products of coordinates.  The basis is never formed: with support matrix
+``X`` (n x D) and Gram matrix ``G = X X^T``, we build a map ``T`` (n x n) such that
+``Q^T = T X`` has orthonormal rows; coordinates of any vector ``v`` are ``T (X v)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Cholesky is used when the support is comfortably full-rank; otherwise (duplicates, zero
+# features, D < n) an eigendecomposition drops directions with tiny eigenvalues.
+_CHOL_RTOL = 1e-10
+_EIG_RTOL = 1e-12
+
+
+def support_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """From Gram matrices ``[E, n, n]`` (float64) return ``(coords, T)``, both ``[E, n, n]``.
+
+    ``coords[e, j]`` are the coordinates of support sample ``j``; ``T[e]`` maps products with
+    the support (``X v``) to coordinates.  Rank-deficient episodes get zero columns for the
+    missing directions, which is exact because no support vector has a component there.
+    """
+    e, n, _ = gram.shape
+    chol, info = torch.linalg.cholesky_ex(gram)
+    diag = chol.diagonal(dim1=-2, dim2=-1)
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    ok = (info == 0) & ((diag * diag).amin(-1) > _CHOL_RTOL * scale)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand(e, n, n)
+    coords = torch.where(ok[:, None, None], chol, torch.zeros((), dtype=gram.dtype, device=gram.device))
+    safe = torch.where(ok[:, None, None], chol, eye)
+    transform = torch.linalg.solve_triangular(safe, eye, upper=False)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        lam, vec = torch.linalg.eigh(gram[bad])
+        keep = lam > _EIG_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+        root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+        inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(lam))
+        coords[bad] = vec * root.unsqueeze(-2)
+        transform[bad] = inv_root.unsqueeze(-1) * vec.transpose(-1, -2)
+    return coords, transform
+
+
+def gather_rows(features: Tensor, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``features[index]`` with the index's shape plus the feature dim, optionally cast."""
+    rows = features.index_select(0, index.reshape(-1)).view(*index.shape, features.shape[-1])
+    return rows if dtype is None else rows.to(dtype)
+
+
+def sub_chunks(total: int, rows_per_item: int, dim: int, budget: int = 1 << 22) -> range:
+    """Start offsets splitting ``total`` items so each gathered block holds <= ``budget`` floats."""
+    step = max(1, budget // max(1, rows_per_item * dim))
+    return range(0, total, step)
+
+
+def sub_chunk_size(rows_per_item: int, dim: int, budget: int = 1 << 22) -> int:
+    return max(1, budget // max(1, rows_per_item * dim))

@@ -1,0 +1,22 @@
+"""Long-tailed recognition: Decoupling Representation and Classifier (Kang et al., ICLR 2020).
+
+``make`` builds long-tailed subsets, ``samplers`` the stage-1/stage-2 sampling strategies,
+``decouple`` the stage-2 classifiers (cRT, tau-norm with automatic tau, LWS, NCM) and ``metrics``
+the many / medium / few-shot evaluation. Importing this package registers the datasets
+``fashion_mnist_lt``, ``cifar10_lt`` and ``cifar100_lt``.
+"""
+from __future__ import annotations
+
+from . import datasets  # noqa: F401  (registers the *_lt datasets)
+from .decouple import (apply_lws, learn_lws, ncm_classifier, ncm_predict, ncm_scores, retrain_crt,
+                       retrain_crt_on_images, select_tau, tau_normalize)
+from .make import balanced_split, class_counts, class_indices, longtail_counts, make_longtail
+from .metrics import (format_per_class_table, per_class_table, shot_accuracy, shot_groups,
+                      thresholds_by_rank)
+from .samplers import SAMPLERS, LongTailSampler, build_sampler, list_samplers
+
+__all__ = ["make_longtail", "longtail_counts", "balanced_split", "class_counts", "class_indices",
+           "SAMPLERS", "LongTailSampler", "build_sampler", "list_samplers",
+           "shot_accuracy", "shot_groups", "thresholds_by_rank", "per_class_table", "format_per_class_table",
+           "tau_normalize", "select_tau", "learn_lws", "apply_lws", "retrain_crt", "retrain_crt_on_images",
+           "ncm_classifier", "ncm_scores", "ncm_predict"]

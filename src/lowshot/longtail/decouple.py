@@ -1,0 +1,312 @@
+"""Stage-2 classifiers of "Decoupling Representation and Classifier" (Kang et al., ICLR 2020).
+
+Stage 1 trains backbone + linear classifier jointly (usually instance-balanced). Stage 2 keeps the
+representation and only rebalances the classifier:
+
+* tau-normalisation: w_i <- w_i / ||w_i||^tau, bias dropped (no training). The official code sweeps
+  tau on the *test* set; ``select_tau`` picks it on a balanced validation split instead;
+* LWS (learnable weight scaling): logits = s_i * (w_i . f + b_i), only s trained, class-balanced;
+* cRT (classifier re-training): re-initialise the linear classifier and train it with
+  class-balanced sampling on frozen features;
+* NCM: nearest class mean on centred, L2-normalised features.
+
+Everything here takes tensors / modules explicitly and is deterministic in ``seed``. Features are
+float tensors [N, D]. Because the backbone is frozen, LWS and ``retrain_crt`` train on cached
+features (fast, but without data augmentation, which cannot be applied to cached features);
+``retrain_crt_on_images`` runs the frozen backbone on augmented batches when augmentation matters.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from .samplers import SAMPLERS, build_sampler
+
+DEFAULT_TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 10) for i in range(21))  # 0, 0.1, ..., 2
+
+
+def _check_features(features: torch.Tensor, labels: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    f = torch.as_tensor(features)
+    if f.dim() != 2:
+        raise DataError(f"{what} features must be [N, D], got shape {tuple(f.shape)}")
+    if not f.is_floating_point():
+        f = f.float()
+    lab = torch.as_tensor(labels).reshape(-1).long().to(f.device)
+    if lab.numel() != f.shape[0]:
+        raise DataError(f"{what}: {f.shape[0]} feature rows but {lab.numel()} labels")
+    if lab.numel() == 0:
+        raise DataError(f"{what}: no samples")
+    return f, lab
+
+
+# --- tau-normalisation ----------------------------------------------------------------------------
+def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """w_i / ||w_i||^tau for every class row (tau = 0: unchanged, tau = 1: unit norms)."""
+    w = weight.detach()
+    norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return w / norms.pow(float(tau))
+
+
+def _correct_per_class(weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int, batch_size: int) -> torch.Tensor:
+    correct = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+    for f, y in zip(features.split(batch_size), labels.split(batch_size)):
+        hit = (f @ weight.t()).argmax(dim=1) == y
+        correct += torch.bincount(y[hit], minlength=num_classes)
+    return correct
+
+
+def select_tau(weight: torch.Tensor, val_features: torch.Tensor, val_labels: torch.Tensor,
+               grid: Sequence[float] | None = None, *, criterion: str = "accuracy",
+               batch_size: int = 4096) -> tuple[float, list[tuple[float, float]]]:
+    """Pick tau on a (balanced) validation split: ``(best_tau, [(tau, accuracy %), ...])``.
+
+    ``criterion="accuracy"`` is overall accuracy (on a balanced split the same as class-mean
+    accuracy); use ``"class_mean"`` for an imbalanced validation set. Ties go to the SMALLEST tau,
+    the least change to the jointly trained classifier. Default grid: 0, 0.1, ..., 2.0.
+    """
+    if criterion not in ("accuracy", "class_mean"):
+        raise ConfigError(f"select_tau: criterion must be 'accuracy' or 'class_mean', got {criterion!r}")
+    f, y = _check_features(val_features, val_labels, "validation")
+    w = weight.detach().to(device=f.device, dtype=f.dtype)
+    C = int(w.shape[0])
+    if int(y.max()) >= C:
+        raise DataError(f"validation label {int(y.max())} out of range for a {C}-class classifier")
+    taus = list(DEFAULT_TAU_GRID if grid is None else grid)
+    if not taus:
+        raise ConfigError("select_tau: empty tau grid")
+    n_per_class = torch.bincount(y, minlength=C)
+    present = n_per_class > 0
+    curve: list[tuple[float, float]] = []
+    best_key: Any = None
+    best_tau = float(taus[0])
+    for tau in sorted(float(t) for t in taus):
+        correct = _correct_per_class(tau_normalize(w, tau), f, y, C, batch_size)
+        acc = 100.0 * int(correct.sum()) / y.numel()
+        if criterion == "accuracy":
+            key: Any = int(correct.sum())  # exact integer comparison: ties are real ties
+            score = acc
+        else:
+            score = float((100.0 * correct[present].double() / n_per_class[present].double()).mean())
+            key = round(score, 9)
+        curve.append((tau, acc if criterion == "accuracy" else score))
+        if best_key is None or key > best_key:  # strict: the first (smallest) tau wins ties
+            best_key, best_tau = key, tau
+    if len(taus) > 1 and best_tau == max(taus) and curve[-1][1] > curve[-2][1]:
+        warnings.warn(f"select_tau: best tau {best_tau} is the largest in the grid and accuracy was still "
+                      f"rising; consider a wider grid", stacklevel=2)
+    return best_tau, curve
+
+
+# --- shared SGD loop on cached features ------------------------------------------------------------
+def _make_sampler(sampler: str, labels: torch.Tensor, seed: int, num_classes: int,
+                  sampler_kw: dict[str, Any] | None, epochs: int) -> Any:
+    kw = dict(sampler_kw or {})
+    if SAMPLERS.canonical(sampler) == "progressive":
+        kw.setdefault("total_epochs", epochs)  # the stage-2 schedule is the natural horizon
+    return build_sampler(sampler, labels.cpu(), seed=seed, num_classes=num_classes, **kw)
+
+
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def _fit(params: list[torch.Tensor], logits_fn: Callable[[torch.Tensor], torch.Tensor],
+         features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
+         batch_size: int, momentum: float, weight_decay: float, sampler: str,
+         sampler_kw: dict[str, Any] | None, seed: int) -> None:
+    """SGD with momentum and per-step cosine decay to 0 (official schedule) over sampler epochs."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    smp = _make_sampler(sampler, labels, seed, num_classes, sampler_kw, epochs)
+    steps = math.ceil(len(smp) / batch_size)
+    total = epochs * steps
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    step = 0
+    for epoch in range(epochs):
+        smp.set_epoch(epoch)
+        order = torch.as_tensor(list(smp), dtype=torch.long, device=features.device)
+        for idx in order.split(batch_size):
+            for group in opt.param_groups:
+                group["lr"] = _cosine_lr(lr, step, total)
+            loss = F.cross_entropy(logits_fn(features[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+
+
+def _init_linear(num_classes: int, dim: int, seed: int, device: torch.device, dtype: torch.dtype,
+                 bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same distribution as ``nn.Linear``'s default init, drawn from a seeded generator."""
+    gen = torch.Generator().manual_seed(int(seed))
+    bound = 1.0 / math.sqrt(dim)
+    w = (torch.rand(num_classes, dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    b = (torch.rand(num_classes, generator=gen, dtype=torch.float64) * 2 - 1) * bound if bias else None
+    w = w.to(device=device, dtype=dtype).requires_grad_(True)
+    return w, (b.to(device=device, dtype=dtype).requires_grad_(True) if b is not None else None)
+
+
+# --- LWS -------------------------------------------------------------------------------------------
+def learn_lws(weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor, labels: torch.Tensor,
+              *, sampler: str = "class_balanced", epochs: int = 5, lr: float = 0.2, batch_size: int = 512,
+              momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
+              sampler_kw: dict[str, Any] | None = None) -> torch.Tensor:
+    """Learn per-class scales s (C,) with logits = s * (W f + b), W and b frozen.
+
+    Official recipe: 5 epochs, lr 0.2 cosine, batch 512, class-aware sampling (``sampler=
+    "class_aware"``). Weight decay defaults to 0 here: decay on s shrinks every logit towards 0,
+    which acts as a temperature rather than a rebalancing. Use ``apply_lws`` to fold s into W, b.
+    """
+    f, y = _check_features(features, labels, "LWS training")
+    w = weight.detach().to(device=f.device, dtype=f.dtype)
+    C = int(w.shape[0])
+    if w.dim() != 2 or w.shape[1] != f.shape[1]:
+        raise DataError(f"classifier weight {tuple(w.shape)} does not match feature dim {f.shape[1]}")
+    b = torch.zeros(C, device=f.device, dtype=f.dtype) if bias is None else bias.detach().to(f.device, f.dtype)
+    scales = torch.ones(C, device=f.device, dtype=f.dtype, requires_grad=True)
+    _fit([scales], lambda x: (x @ w.t() + b) * scales, f, y, C, epochs=epochs, lr=lr, batch_size=batch_size,
+         momentum=momentum, weight_decay=weight_decay, sampler=sampler, sampler_kw=sampler_kw, seed=seed)
+    return scales.detach()
+
+
+def apply_lws(weight: torch.Tensor, bias: torch.Tensor | None,
+              scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold LWS scales into a plain linear classifier: (s_i w_i, s_i b_i)."""
+    s = scales.detach().to(weight)
+    return weight.detach() * s[:, None], None if bias is None else bias.detach() * s
+
+
+# --- cRT -------------------------------------------------------------------------------------------
+def retrain_crt(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 10,
+                lr: float = 0.2, batch_size: int = 512, momentum: float = 0.9, weight_decay: float = 5e-4,
+                sampler: str = "class_balanced", sampler_kw: dict[str, Any] | None = None, seed: int = 0,
+                bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-initialise a linear classifier and train it on frozen (cached) features.
+
+    Defaults are the official ImageNet-LT recipe (10 epochs, SGD lr 0.2 momentum 0.9, wd 5e-4,
+    cosine to 0, batch 512); the official sampler is ``"class_aware"`` with 4 images per class.
+    Returns ``(weight [C, D], bias [C] or None)``.
+    """
+    f, y = _check_features(features, labels, "cRT training")
+    if int(y.max()) >= num_classes:
+        raise DataError(f"label {int(y.max())} out of range for num_classes={num_classes}")
+    w, b = _init_linear(num_classes, int(f.shape[1]), seed, f.device, f.dtype, bias)
+    params = [w] + ([b] if b is not None else [])
+    _fit(params, lambda x: F.linear(x, w, b), f, y, num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
+         momentum=momentum, weight_decay=weight_decay, sampler=sampler, sampler_kw=sampler_kw, seed=seed)
+    return w.detach(), (b.detach() if b is not None else None)
+
+
+def retrain_crt_on_images(backbone: nn.Module, dataset: Any, transform: Callable[[torch.Tensor], torch.Tensor],
+                          num_classes: int | None = None, *, epochs: int = 10, lr: float = 0.2,
+                          batch_size: int = 512, momentum: float = 0.9, weight_decay: float = 5e-4,
+                          sampler: str = "class_balanced", sampler_kw: dict[str, Any] | None = None,
+                          seed: int = 0, freeze_bn: bool = True, bias: bool = True,
+                          device: str | torch.device = "cpu",
+                          num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cRT with the frozen backbone run on augmented image batches every step.
+
+    ``freeze_bn=True`` runs the backbone in eval mode: its BatchNorm statistics stay those of
+    stage 1, so the features the classifier is trained on are the ones it will see at test time.
+    ``freeze_bn=False`` reproduces the official code, whose frozen backbone still sits in train
+    mode: BN uses batch statistics and its running statistics drift towards the class-balanced
+    distribution. The backbone's running statistics are then modified in place and must be saved
+    with the new classifier. Backbone parameters never receive gradients either way; the module's
+    train/eval flag is restored on return. The global RNG is left untouched.
+    """
+    from torch.utils.data import DataLoader
+
+    C = int(num_classes if num_classes is not None else dataset.num_classes)
+    labels = torch.as_tensor(dataset.labels).long()
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    dev = torch.device(device)
+    dim = int(backbone.out_dim)
+    was_training = backbone.training
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(int(seed))
+        w, b = _init_linear(C, dim, seed, dev, torch.float32, bias)
+        params = [w] + ([b] if b is not None else [])
+        smp = _make_sampler(sampler, labels, seed, C, sampler_kw, epochs)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=smp, num_workers=num_workers)
+        total = epochs * len(loader)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        backbone.train(not freeze_bn)
+        step = 0
+        try:
+            for epoch in range(epochs):
+                smp.set_epoch(epoch)
+                for images, y in loader:
+                    x = transform(images.to(dev))
+                    with torch.no_grad():
+                        feats = backbone(x).float()
+                    for group in opt.param_groups:
+                        group["lr"] = _cosine_lr(lr, step, total)
+                    loss = F.cross_entropy(F.linear(feats, w, b), y.to(dev).long())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+        finally:
+            backbone.train(was_training)
+    return w.detach(), (b.detach() if b is not None else None)
+
+
+# --- NCM -------------------------------------------------------------------------------------------
+_METRICS = ("l2", "cosine")
+
+
+def ncm_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, metric: str = "l2",
+                   center: bool = True, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means of centred, L2-normalised training features: ``(means [C, D], center [D])``.
+
+    The centre is the mean of the per-class means, not of all features: on a long-tailed set the
+    plain mean is dominated by head classes, which would leave head means near the origin after
+    centring. ``center=False`` gives a zero centre. For ``"cosine"`` the means are normalised too.
+    """
+    if metric not in _METRICS:
+        raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
+    f, y = _check_features(train_features, train_labels, "NCM training")
+    C = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    counts = torch.bincount(y, minlength=C)
+    if counts.numel() > C:
+        raise DataError(f"label {int(y.max())} out of range for num_classes={C}")
+    empty = torch.nonzero(counts == 0).reshape(-1)
+    if empty.numel():
+        raise DataError(f"NCM: class {int(empty[0])} has no training features")
+
+    def class_means(x: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
+        return sums / counts.to(x)[:, None]
+
+    mu = class_means(f).mean(dim=0) if center else torch.zeros(f.shape[1], dtype=f.dtype, device=f.device)
+    means = class_means(F.normalize(f - mu, dim=1))
+    if metric == "cosine":
+        means = F.normalize(means, dim=1)
+    return means, mu
+
+
+def ncm_scores(features: torch.Tensor, means: torch.Tensor, center: torch.Tensor,
+               metric: str = "l2") -> torch.Tensor:
+    """Scores [N, C] (higher is closer): -squared L2 distance or cosine similarity to each mean."""
+    if metric not in _METRICS:
+        raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
+    q = F.normalize(torch.as_tensor(features).float().to(means) - center.to(means), dim=1)
+    if metric == "cosine":
+        return q @ F.normalize(means, dim=1).t()
+    sq = (q * q).sum(1, keepdim=True) - 2 * q @ means.t() + (means * means).sum(1)[None, :]
+    return -sq
+
+
+def ncm_predict(features: torch.Tensor, means: torch.Tensor, center: torch.Tensor,
+                metric: str = "l2") -> torch.Tensor:
+    """Predicted class ids [N] of the nearest class mean."""
+    return ncm_scores(features, means, center, metric).argmax(dim=1)

@@ -1,0 +1,111 @@
+"""Small shared helpers: seeding, devices, JSONL logs, progress bars."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python and torch (numpy's global RNG is never used by lowshot)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+        raise ConfigError(f"device {name!r} requested but CUDA is not available (use device=cpu or auto)")
+    return dev
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as plain data (weights_only-loadable)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_list()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _py_state_to_list() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync: a crash can at worst tear the last line."""
+    line = json.dumps(_jsonable(record), sort_keys=False)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file, ignoring a torn (unparsable) last line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn last line from a crash
+            raise
+    return out
+
+
+def truncate_jsonl(path: str | Path, keep: Iterable[dict[str, Any]]) -> None:
+    """Rewrite a JSONL file atomically with only ``keep`` (used when resuming)."""
+    from .checkpoint import write_text_atomic
+    write_text_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in keep))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "", enabled: bool = True,
+             leave: bool = False) -> Iterator[Any]:
+    """tqdm progress bar on stderr (plain iteration when disabled)."""
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+    yield from tqdm(iterable, total=total, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.5)
