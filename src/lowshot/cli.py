@@ -114,7 +114,7 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def _register_extra() -> None:
     """Subcommands defined next to their feature (eval, decouple, analyze, sweep, report)."""
     from . import cli_extra
-    _EXTRA_COMMANDS.extend(cli_extra.COMMANDS)
+    _EXTRA_COMMANDS.extend(cli_extra.registrars())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

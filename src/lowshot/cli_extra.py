@@ -1,6 +1,26 @@
-"""Subcommands that grow with later features; each adds its parser to ``COMMANDS``."""
+"""Subcommands that live next to their feature; each module exposes ``register(subparsers)``."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from typing import Any, Callable, Iterator
+
+MODULES = [
+    "lowshot.fewshot.cli",  # eval
+    "lowshot.longtail.cli",  # decouple
+    "lowshot.analysis.cli",  # analyze, sweep
+    "lowshot.report.cli",  # report
+]
+
+
+def registrars() -> Iterator[Callable[[Any], None]]:
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # feature not installed in this build
+                continue
+            raise
+        yield module.register
+
 
 COMMANDS: list[Callable[[Any], None]] = []

@@ -89,12 +89,12 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # GLOBAL batch: split evenly over the processes of a multi-process run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     sampler: str = "instance"
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
-    amp: str = "off"  # off | bf16 | fp16 (autocast on CUDA)
+    amp: str = "off"  # off | bf16 | fp16 (autocast; fp16 needs CUDA, bf16 also runs on CPU)
     channels_last: bool = False
     compile: bool = False
     grad_clip: float | None = None
@@ -102,6 +102,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs
     eval_batch_size: int = 256
     progress: bool = True
+    sync_bn: bool = False  # multi-process: BatchNorm statistics over the global batch (docs/distributed.md)
+    nan_check_every: int = 50  # steps between finiteness checks (each costs a GPU sync); always before saving
 
 
 @dataclass

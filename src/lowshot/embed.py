@@ -48,7 +48,7 @@ def embed_images(checkpoint: str | Path, paths: Sequence[str | Path], *, batch_s
 
 
 def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | None = None, root: str | None = None,
-                        batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+                        batch_size: int = 256, device: str = "auto", show_progress: bool = True) -> dict[str, Any]:
     """Features + labels + class names of a dataset split (default: the checkpoint's dataset)."""
     from .data import build_dataset
     dev = resolve_device(device)
@@ -61,7 +61,7 @@ def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | No
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")
-    feats, labels = extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=True)
+    feats, labels = extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=show_progress)
     return {"features": feats.numpy().astype(np.float32), "labels": labels.numpy(),
             "class_names": np.array(ds.class_names)}
 

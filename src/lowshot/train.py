@@ -5,11 +5,17 @@ epoch ends (base-class accuracy on held-out images, few-shot validation episodes
 run directory: ``config.yaml``, ``metrics.jsonl`` / ``metrics.csv``, ``last.pt``, ``best.pt``.
 Every checkpoint holds what an exact resume needs (weights, optimiser, RNG, epoch, step, the
 position inside the epoch), so ``train(cfg, run_dir, resume=True)`` continues bit-for-bit on CPU.
+
+Launched by ``torchrun`` the same function trains with DistributedDataParallel: ``train.batch_size``
+is the GLOBAL batch (each of the R processes takes ``batch_size / R`` samples of the shared global
+draw), epoch metrics are reduced over processes, and only rank 0 writes files (docs/distributed.md).
+The step loop never waits for the GPU except every ``train.nan_check_every`` steps and before saving.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import math
 import shutil
@@ -25,12 +31,14 @@ from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from .config import Config, ScheduleConfig, config_from_checkpoint, dump_yaml, to_dict
 from .data import build_dataset
 from .data.base import ImageDataset
+from .distributed import (DistContext, all_gather_object, all_reduce, broadcast_buffers, convert_sync_batchnorm,
+                          evaluate_fewshot, extract_features_distributed, init_distributed, is_distributed,
+                          rank0_decides, rank0_first, shard_indices, shutdown)
 from .errors import ConfigError, DataError, LowshotError
-from .features import extract_features
 from .loader import BatchLoader
 from .models import Classifier, build_model
-from .utils import (append_jsonl, progress, read_jsonl, resolve_device, rng_state, seed_everything,
-                    set_rng_state, truncate_jsonl)
+from .utils import (append_jsonl, progress, read_jsonl, rng_state, seed_everything, set_rng_state,
+                    truncate_jsonl)
 
 
 class TrainingDiverged(LowshotError):
@@ -102,23 +110,28 @@ def make_transforms(cfg: Config, ds: ImageDataset) -> tuple[Callable, Callable, 
 @torch.no_grad()
 def accuracy(model: Classifier, ds: ImageDataset, transform: Callable, device: torch.device,
              batch_size: int) -> float:
-    """Top-1 accuracy (percent) of the model's own head, no margins (eval mode)."""
+    """Top-1 accuracy (percent) of the model's own head, no margins (eval mode).
+
+    Under DDP each process scores a contiguous block of ``ds`` and the counts are summed; the
+    correct count stays on the device until the end (one sync, not one per batch).
+    """
     model.eval()
-    correct = 0
-    for x, y in BatchLoader(ds, batch_size):
-        logits = model(transform(x.to(device)))
-        correct += int((logits.argmax(1).cpu() == y).sum())
+    part = ds.subset(list(shard_indices(len(ds)))) if is_distributed() else ds
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in BatchLoader(part, batch_size, pin_memory=device.type == "cuda"):
+        logits = model(transform(x.to(device, non_blocking=True)))
+        correct += (logits.argmax(1) == y.to(device, non_blocking=True)).sum()
     model.train()
-    return 100.0 * correct / max(1, len(ds))
+    return 100.0 * int(all_reduce(correct)) / max(1, len(ds))
 
 
 def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable, cfg: Config,
                        device: torch.device) -> dict[str, float]:
-    from .fewshot import evaluate
     v = cfg.val
-    feats, labels = extract_features(model.backbone, ds, transform, cfg.train.eval_batch_size, device)
-    res = evaluate(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
-                   method=v.method, seed=v.seed, **_fewshot_method_kwargs(cfg, v.method, v.options))
+    feats, labels = extract_features_distributed(model.backbone, ds, transform, cfg.train.eval_batch_size, device,
+                                                 channels_last=cfg.train.channels_last)
+    res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
+                           method=v.method, seed=v.seed, **_fewshot_method_kwargs(cfg, v.method, v.options))
     return {"val_mean": float(res["mean"]), "val_ci95": float(res["ci95"])}
 
 
@@ -157,6 +170,60 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool, overw
     return path
 
 
+
+def build_train_sampler(cfg: Config, labels: torch.Tensor, num_replicas: int = 1, rank: int = 0) -> Any:
+    """The training sampler; under DDP every rank takes every R-th position of one shared draw."""
+    from .longtail.samplers import SAMPLERS, build_sampler
+    t = cfg.train
+    kw = dict(t.sampler_kwargs)
+    clash = sorted({"seed", "num_replicas", "rank"} & set(kw))
+    if clash:
+        raise ConfigError(f"config key 'train.sampler_kwargs' must not set {', '.join(clash)} "
+                          f"(the seed is train.seed; ranks come from torchrun)")
+    if SAMPLERS.canonical(t.sampler) == "progressive":
+        kw.setdefault("total_epochs", max(1, t.epochs))  # Kang et al.: t/T over the whole run
+    return build_sampler(t.sampler, labels, seed=t.seed, num_replicas=num_replicas, rank=rank, **kw)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of one process's augmentation/dropout stream (distinct per rank, reproducible)."""
+    digest = hashlib.sha256(f"lowshot/{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+class FiniteGuard:
+    """Deferred NaN/Inf check of the training loss.
+
+    Each step records ``isfinite(loss)`` on the device (no sync); ``check`` looks at the recorded
+    flags at once (one sync, one all-reduce under DDP so every rank stops together) and names the
+    FIRST bad step. The trainer checks every ``train.nan_check_every`` steps before the backward
+    pass, and always before writing a checkpoint, so no checkpoint ever holds diverged weights.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+
+    def record(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        self.pending.append((torch.isfinite(loss), loss, epoch, step))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        bad = all_reduce((~torch.stack([p[0] for p in self.pending])).to(torch.int32), "max").cpu()
+        if bool(bad.any()):
+            _, loss, epoch, step = self.pending[int(torch.nonzero(bad)[0])]
+            value = float(loss)
+            what = f"loss is {value}" if not math.isfinite(value) else "the loss of another process is not finite"
+            raise TrainingDiverged(
+                f"{what} at epoch {epoch}, step {step}; stopped. The last good checkpoint is "
+                f"{self.run_dir / 'last.pt'} (try a lower optim.lr or train.grad_clip)")
+        self.pending.clear()
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
@@ -164,50 +231,82 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     """Train and return the final metrics record (also the run directory under ``'run_dir'``).
 
     ``stop_after_steps`` ends the run early after that many global steps (used by tests to simulate
-    an interruption at a known point).
+    an interruption at a known point). Under ``torchrun`` every process calls this; only rank 0
+    logs and writes files, and all return the same record.
     """
-    # -- run directory and config (a resumed run uses the config stored in its checkpoint)
-    run_dir = prepare_run_dir(cfg, run_dir, resume, overwrite)
-    ckpt = load_checkpoint(run_dir / "last.pt") if resume else None
-    if ckpt is not None:
+    ckpt = None
+    if resume:  # read-only, so every process can do it before the process group exists
+        run_dir = prepare_run_dir(cfg, run_dir, True, False)
+        ckpt = load_checkpoint(run_dir / "last.pt")
         cfg = config_from_checkpoint(ckpt["config"])
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    t = cfg.train
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, run_dir, ckpt, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps)
+    finally:
+        shutdown(ctx)
 
-    # -- data
-    train_set = load_split(cfg, cfg.data.train_split)
-    test_set = load_split(cfg, cfg.data.test_split) if cfg.data.test_split else None
-    val_set = load_split(cfg, cfg.data.val_split) if cfg.data.val_split and cfg.val.every else None
+
+def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
+    d = cfg.data
+    train_set = load_split(cfg, d.train_split)
+    test_set = load_split(cfg, d.test_split) if d.test_split else None
+    val_set = load_split(cfg, d.val_split) if d.val_split and cfg.val.every else None
+    return train_set, test_set, val_set
+
+
+def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None, ctx: DistContext, *,
+           overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None) -> dict[str, Any]:
+    t, device, world, main = cfg.train, ctx.device, ctx.world_size, ctx.is_main
+    say = log if main else (lambda _msg: None)
+    if t.batch_size % world:
+        raise ConfigError(f"config key 'train.batch_size': the global batch {t.batch_size} must be divisible by "
+                          f"the {world} processes (each takes batch_size / processes samples)")
+    if t.nan_check_every < 1:
+        raise ConfigError("config key 'train.nan_check_every' must be >= 1")
+    local_batch = t.batch_size // world
+
+    # -- run directory and config (a resumed run uses the config stored in its checkpoint)
+    if ckpt is None:
+        run_dir = rank0_decides(lambda: prepare_run_dir(cfg, run_dir, False, overwrite))
+    run_dir = Path(run_dir)  # type: ignore[arg-type]
+    if main:
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    seed_everything(t.seed)  # same on every rank: identical data views and model initialisation
+
+    # -- data (rank 0 first: a download or cache build happens once)
+    train_set, test_set, val_set = rank0_first(lambda: _load_sets(cfg))
     train_tf, test_tf, data_meta = make_transforms(cfg, train_set)
-    log(f"data: {cfg.data.name} {cfg.data.train_split}: {len(train_set)} images, {train_set.num_classes} classes"
+    say(f"data: {cfg.data.name} {cfg.data.train_split}: {len(train_set)} images, {train_set.num_classes} classes"
         + (f"; {cfg.data.test_split}: {len(test_set)}" if test_set is not None else "")
         + (f"; {cfg.data.val_split}: {len(val_set)} ({val_set.num_classes} classes)" if val_set is not None else ""))
 
     # -- model, optimiser, sampler
     model = build_model(cfg, train_set.num_classes, train_set.channels, train_set.image_size).to(device)
+    if world > 1 and t.sync_bn:
+        model = convert_sync_batchnorm(model, device)  # type: ignore[assignment]
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    from .longtail.samplers import build_sampler
-    sampler = build_sampler(t.sampler, train_set.labels, seed=t.seed, **t.sampler_kwargs)
-    steps_per_epoch = len(sampler) // t.batch_size  # type: ignore[arg-type]
+    sampler = build_train_sampler(cfg, train_set.labels, world, ctx.rank)
+    steps_per_epoch = sampler.num_samples // t.batch_size  # global: the same for any number of processes
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training images")
-    forward = torch.compile(model) if t.compile else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-    use_amp = amp_dtype is not None and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype is torch.float16)
-    log(f"model: {cfg.model.backbone} ({model.backbone.out_dim}-d) + {cfg.head.name} head "
+    use_amp = amp_dtype is not None and (device.type == "cuda" or (device.type == "cpu" and amp_dtype is torch.bfloat16))
+    if amp_dtype is not None and not use_amp:
+        say(f"note: train.amp={t.amp} is ignored on {device.type} (fp16 autocast needs CUDA; bf16 runs on cuda/cpu)")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype is torch.float16 and device.type == "cuda")
+    say(f"model: {cfg.model.backbone} ({model.backbone.out_dim}-d) + {cfg.head.name} head "
         f"(margin {cfg.head.margin}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"{steps_per_epoch} steps/epoch on {device}")
+        f"{steps_per_epoch} steps/epoch on {device}"
+        + (f" x {world} processes ({local_batch} images each per step{', SyncBN' if t.sync_bn else ''})"
+           if world > 1 else ""))
 
-    # -- state (restored on resume)
+    # -- state (restored on resume; every rank loads the same checkpoint)
     epoch, step, epoch_step = 0, 0, 0
-    stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    stored = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     best: float | None = None
     if ckpt is not None:
         model.backbone.load_state_dict(ckpt["model"])
@@ -216,31 +315,73 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         epoch, step, epoch_step = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-        stats, best = dict(ckpt["epoch_stats"]), ckpt.get("best")
-        set_rng_state(ckpt["rng"])
-        truncate_jsonl(run_dir / "metrics.jsonl",
-                       [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= epoch])
-        log(f"resumed {run_dir} at epoch {epoch}, step {step}")
+        stored, best = dict(ckpt["epoch_stats"]), ckpt.get("best")
+        if main:
+            truncate_jsonl(run_dir / "metrics.jsonl",
+                           [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= epoch])
+        say(f"resumed {run_dir} at epoch {epoch}, step {step}")
+    forward: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
+    if t.compile:
+        forward = torch.compile(forward)  # type: ignore[assignment]
+    if world == 1:
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])
+    elif ckpt is not None and len(ckpt.get("rng_ranks") or []) == world:
+        set_rng_state(ckpt["rng_ranks"][ctx.rank])
+    else:  # per-rank augmentation streams (a resume with another process count reseeds from the step)
+        seed_everything(rank_seed(t.seed, ctx.rank, step))
 
-    def checkpoint(path: Path) -> None:
-        save_checkpoint({
-            "kind": "train", "model": model.backbone.state_dict(), "head": model.head.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": rng_state(), "epoch": epoch, "step": step, "epoch_step": epoch_step,
-            "epoch_stats": dict(stats), "best": best, "config": to_dict(cfg),
-            "class_names": list(train_set.class_names), "data": data_meta,
-        }, path)
+    # -- epoch statistics live on the device; only rank 0 carries the resumed partial epoch
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, seconds = 0, float(stored["seconds"])
+    if main:
+        loss_sum += stored["loss_sum"]
+        correct += int(stored["correct"])
+        seen = int(stored["seen"])
+    guard = FiniteGuard(run_dir)
+
+    def epoch_stats() -> dict[str, Any]:
+        """Global sums over processes (collective)."""
+        packed = torch.stack([loss_sum.detach().cpu().double(), correct.cpu().double(),
+                              torch.tensor(float(seen), dtype=torch.float64)])
+        total = all_reduce(packed).tolist()
+        return {"loss_sum": total[0], "correct": int(total[1]), "seen": int(total[2]), "seconds": seconds}
+
+    def save_state(paths: list[Path]) -> None:
+        """Collective: check the loss, reduce statistics, gather RNG streams; rank 0 writes."""
+        guard.check()
+        stats = epoch_stats()
+        streams = all_gather_object(rng_state()) if world > 1 else None
+        if not main:
+            return
+        obj = {"kind": "train", "model": model.backbone.state_dict(), "head": model.head.state_dict(),
+               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+               "rng": rng_state(), "epoch": epoch, "step": step, "epoch_step": epoch_step,
+               "epoch_stats": stats, "best": best, "config": to_dict(cfg),
+               "class_names": list(train_set.class_names), "data": data_meta}
+        if streams is not None:
+            obj.update(world_size=world, rng_ranks=streams)
+        for path in paths:
+            save_checkpoint(obj, path)
 
     last: dict[str, Any] = {}
-    model.train()
+    num_classes = train_set.num_classes
+    lr = lr_at(step, steps_per_epoch, t.epochs, cfg.optim.lr, cfg.schedule)
+    forward.train()
     while epoch < t.epochs:
-        # -- one epoch: the sampler's order for this epoch is fixed by (seed, epoch)
+        # -- one epoch: the global order is fixed by (seed, epoch); this rank takes every R-th position
         sampler.set_epoch(epoch)
-        order = list(sampler)[epoch_step * t.batch_size: steps_per_epoch * t.batch_size]
-        batches = BatchLoader(train_set, t.batch_size, order, drop_last=True, num_workers=cfg.data.num_workers,
+        order = list(sampler)[epoch_step * local_batch: steps_per_epoch * local_batch]
+        batches = BatchLoader(train_set, local_batch, order, drop_last=True, num_workers=cfg.data.num_workers,
                               pin_memory=device.type == "cuda")
         tick = time.perf_counter()
-        bar = progress(batches, total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress)
+        bar = progress(batches, total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress and main)
         for x, y in bar:
             lr = lr_at(step, steps_per_epoch, t.epochs, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
@@ -252,10 +393,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = forward(x, y)
                 loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
-                    f"checkpoint is {run_dir / 'last.pt'} (try a lower optim.lr or train.grad_clip)")
+            guard.record(loss.detach(), epoch + 1, step + 1)
+            if len(guard) >= t.nan_check_every:
+                guard.check()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t.grad_clip:
@@ -264,18 +404,21 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             scaler.step(optimizer)
             scaler.update()
             step, epoch_step = step + 1, epoch_step + 1
-            stats["loss_sum"] += float(loss.detach()) * y.numel()
-            stats["correct"] += int((logits[:, : train_set.num_classes].argmax(1) == y).sum())
-            stats["seen"] += y.numel()
+            loss_sum += loss.detach().to(acc_dtype) * y.shape[0]
+            correct += (logits.detach()[:, :num_classes].argmax(1) == y).sum()
+            seen += y.shape[0]
             if t.checkpoint_every and step % t.checkpoint_every == 0 and epoch_step < steps_per_epoch:
-                stats["seconds"] += time.perf_counter() - tick
+                seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
-                checkpoint(run_dir / "last.pt")
+                save_state([run_dir / "last.pt"])
             if stop_after_steps is not None and step >= stop_after_steps:
+                guard.check()
                 return {"stopped_at_step": step, "run_dir": str(run_dir)}
-        stats["seconds"] += time.perf_counter() - tick
+        guard.check()
+        seconds += time.perf_counter() - tick
 
         # -- epoch end: evaluate (without disturbing the training RNG), log, checkpoint
+        stats = epoch_stats()
         epoch, epoch_step = epoch + 1, 0
         record: dict[str, Any] = {
             "epoch": epoch, "step": step, "lr": lr,
@@ -284,6 +427,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             "epoch_seconds": round(stats["seconds"], 3),
         }
         with preserved_rng():
+            broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
             if test_set is not None:
                 record["base_acc"] = accuracy(model, test_set, test_tf, device, t.eval_batch_size)
             if val_set is not None and (epoch % cfg.val.every == 0 or epoch == t.epochs):
@@ -292,17 +436,18 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         record["best"] = best is None or score > best
         if record["best"]:
             best = score
-        stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        append_jsonl(run_dir / "metrics.jsonl", record)
-        write_metrics_csv(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
-        if record["best"]:
-            checkpoint(run_dir / "best.pt")
-        checkpoint(run_dir / "last.pt")
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        loss_sum.zero_()
+        correct.zero_()
+        seen, seconds = 0, 0.0
+        if main:
+            append_jsonl(run_dir / "metrics.jsonl", record)
+            write_metrics_csv(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
+        save_state([run_dir / "best.pt", run_dir / "last.pt"] if record["best"] else [run_dir / "last.pt"])
+        say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         last = record
 
-    if not (run_dir / "last.pt").exists():  # zero epochs: still leave a usable checkpoint
-        checkpoint(run_dir / "last.pt")
-    if not (run_dir / "best.pt").exists():
+    if rank0_decides(lambda: not (run_dir / "last.pt").exists()):  # zero epochs: still leave a checkpoint
+        save_state([run_dir / "last.pt"])
+    if main and not (run_dir / "best.pt").exists():
         shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
     return {**last, "run_dir": str(run_dir)}

@@ -1,0 +1,21 @@
+"""Few-shot meta-testing on frozen features, all episodes solved at once.
+
+``evaluate(features, labels, way=5, shot=1, method="finetune")`` samples reproducible
+episodes (``sample_episodes``) and runs a registered method (``EVALUATORS``:
+``finetune`` — the Baseline++ / Negative-Margin fine-tune protocol, solved exactly in each
+episode's support span; ``ncm``/``protonet``; ``logreg``).  See docs/fewshot.md.
+"""
+from __future__ import annotations
+
+from .api import evaluate, evaluate_many, format_table, summarize
+from .episodes import episode_labels, sample_episodes
+from .evaluators import (EVALUATORS, FewShotMethod, Finetune, LogisticRegression,
+                         NearestClassMean, create_method, list_methods)
+from .finetune import FinetuneConfig
+
+__all__ = [
+    "evaluate", "evaluate_many", "format_table", "summarize",
+    "sample_episodes", "episode_labels",
+    "EVALUATORS", "FewShotMethod", "Finetune", "NearestClassMean", "LogisticRegression",
+    "create_method", "list_methods", "FinetuneConfig",
+]

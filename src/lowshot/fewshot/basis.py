@@ -47,17 +47,22 @@ def support_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
     return coords, transform
 
 
-def gather_rows(features: Tensor, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``features[index]`` with the index's shape plus the feature dim, optionally cast."""
-    rows = features.index_select(0, index.reshape(-1)).view(*index.shape, features.shape[-1])
+def inverse_norms(features: Tensor) -> Tensor:
+    """``1 / max(|x_i|, 1e-12)`` per row in float64 (``F.normalize``'s rule).
+
+    Scaling Gram matrices, coefficients and logits by these is the same as normalising the
+    rows, without writing a normalised copy of every gathered row.
+    """
+    norms = torch.linalg.vector_norm(features, dim=1)    # features' precision, like F.normalize
+    return norms.to(torch.float64).clamp_min(1e-12).reciprocal()
+
+
+def gather_rows(table: Tensor, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``table[index]`` with the index's shape plus the feature dim, optionally cast."""
+    rows = torch.nn.functional.embedding(index, table)
     return rows if dtype is None else rows.to(dtype)
 
 
-def sub_chunks(total: int, rows_per_item: int, dim: int, budget: int = 1 << 22) -> range:
-    """Start offsets splitting ``total`` items so each gathered block holds <= ``budget`` floats."""
-    step = max(1, budget // max(1, rows_per_item * dim))
-    return range(0, total, step)
-
-
-def sub_chunk_size(rows_per_item: int, dim: int, budget: int = 1 << 22) -> int:
+def sub_chunk_size(rows_per_item: int, dim: int, budget: int = 1 << 21) -> int:
+    """Items per block so that one block of gathered rows holds <= ``budget`` floats."""
     return max(1, budget // max(1, rows_per_item * dim))

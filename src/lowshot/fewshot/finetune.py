@@ -22,7 +22,7 @@ span, which only weight decay and the cosine normalisation can rescale); see ``b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .basis import gather_rows, sub_chunk_size, support_basis
+from .basis import gather_rows, inverse_norms, sub_chunk_size, support_basis
 
 PRESETS = ("mmfewshot", "bl0")
 _RNG_BLOCK = 64          # episodes per generator: draws do not depend on chunk_size
@@ -93,7 +93,7 @@ class FinetuneConfig:
 class Draws(NamedTuple):
     weight: Tensor   # [E, way, D] float32 initial head weights
     bias: Tensor     # [E, way] float32 initial bias (drawn even when unused)
-    perms: Tensor    # [E, passes, n] int64 support order of each pass
+    perms: Tensor    # [E, passes, n] int16 support order of each pass
 
 
 def _mix(seed: int, block: int) -> int:
@@ -105,150 +105,181 @@ def _mix(seed: int, block: int) -> int:
 
 
 def _shuffles(u: Tensor, n: int) -> Tensor:
-    """Fisher-Yates permutations of ``range(n)``, one per row of uniforms ``u`` [R, n-1]."""
+    """Fisher-Yates permutations of ``range(n)``, one per row of uniforms ``u`` [R, n-1].
+
+    Swap ``i`` takes ``j = floor(u * (i + 1))``; float32 uniforms have 24 random bits, so each
+    ``j`` is uniform up to a relative 2^-24 * n (vs ``np.random.permutation``: exact).
+    """
     rows = u.shape[0]
-    perm = torch.arange(n).unsqueeze(1).repeat(1, rows)             # [n, R]: column ops contiguous
+    perm = torch.arange(n, dtype=torch.int16).unsqueeze(1).repeat(1, rows)   # [n, R]
+    flat = perm.view(-1)
+    col = torch.arange(rows)
+    mult = torch.arange(2, n + 1, dtype=u.dtype)
+    picks = (u * mult).long().clamp_(max=torch.arange(1, n)).t().mul_(rows).add_(col)
     for i in range(n - 1, 0, -1):
-        j = (u[:, i - 1] * (i + 1)).long().clamp_(max=i).unsqueeze(0)
-        vi = perm[i].clone()
-        perm[i] = perm.gather(0, j).squeeze(0)
-        perm.scatter_(0, j, vi.unsqueeze(0))
-    return perm.t().contiguous()
+        where = picks[i - 1]
+        keep = perm[i].clone()
+        perm[i] = flat.take(where)
+        flat.index_put_((where,), keep)
+    return perm.t()
 
 
 def episode_draws(seed: int, start: int, stop: int, way: int, dim: int, n_support: int,
                   passes: int) -> Draws:
     """Initial head and shuffles of episodes ``start..stop-1`` (same for any chunking)."""
     bound = 1.0 / math.sqrt(dim)
-    ws, bs, us = [], [], []
-    first = start // _RNG_BLOCK
-    for block in range(first, (stop - 1) // _RNG_BLOCK + 1):
+    first, last = start // _RNG_BLOCK, (stop - 1) // _RNG_BLOCK
+    count = (last - first + 1) * _RNG_BLOCK
+    weight = torch.empty(count, way, dim)
+    bias = torch.empty(count, way)
+    u = torch.empty(count, passes, max(n_support - 1, 0))
+    for i, block in enumerate(range(first, last + 1)):
         gen = torch.Generator().manual_seed(_mix(seed, block))
-        ws.append(torch.empty(_RNG_BLOCK, way, dim).uniform_(-bound, bound, generator=gen))
-        bs.append(torch.empty(_RNG_BLOCK, way).uniform_(-bound, bound, generator=gen))
-        us.append(torch.rand(_RNG_BLOCK, passes, max(n_support - 1, 0), generator=gen,
-                             dtype=torch.float64))
+        sl = slice(i * _RNG_BLOCK, (i + 1) * _RNG_BLOCK)
+        weight[sl].uniform_(-bound, bound, generator=gen)
+        bias[sl].uniform_(-bound, bound, generator=gen)
+        u[sl] = torch.rand(_RNG_BLOCK, passes, u.shape[-1], generator=gen)
     lo, hi = start - first * _RNG_BLOCK, stop - first * _RNG_BLOCK
-    u = torch.cat(us)[lo:hi]
-    perms = _shuffles(u.reshape(-1, u.shape[-1]), n_support).view(hi - lo, passes, n_support)
-    return Draws(torch.cat(ws)[lo:hi], torch.cat(bs)[lo:hi], perms)
+    u = u[lo:hi]
+    perms = _shuffles(u.reshape(-1, u.shape[-1]), n_support).reshape(hi - lo, passes, n_support)
+    return Draws(weight[lo:hi], bias[lo:hi], perms)
 
 
 def _solve(cfg: FinetuneConfig, A: Tensor, bias: Tensor, coords: Tensor, perms: Tensor,
            shot: int, steps: int) -> None:
-    """Run the SGD trajectory in place on coordinates ``A`` [E, way, k] (and ``bias`` [E, way]).
+    """Run the SGD trajectory on coordinates ``A`` [r + 1, way, E] and ``bias`` [way, E] in place.
 
-    ``coords`` [E, n, k] are the support coordinates.  Updates follow torch.optim.SGD exactly:
-    ``g = grad + wd * p``; ``buf = g`` on the first step, else ``buf = mom * buf + (1 - damp) * g``;
-    ``p -= lr * buf``.  Every op is per-episode (bmm / row-wise), so episodes never interact.
+    ``coords`` [r, n, E] are the support coordinates (row ``r`` of ``A`` is the part of the
+    initial weight outside the support span: no feature has a component there).  Updates
+    follow torch.optim.SGD exactly: ``g = grad + wd * p``; ``buf = g`` on the first step, else
+    ``buf = mom * buf + (1 - damp) * g``; ``p -= lr * buf``.  Episodes sit on the last
+    (contiguous) axis, so every op is elementwise across episodes (tiny per-episode matmuls
+    would be dominated by per-matrix overhead) and no quantity is shared between episodes.
     """
-    e, way, k = A.shape
-    n = coords.shape[1]
+    r, n, e = coords.shape
+    way = A.shape[1]
     bsz, lr, mom, wd = cfg.batch_size, float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
     scale, cosine, use_bias = float(cfg.scale), cfg.head == "cosine", cfg.has_bias
     per_pass = math.ceil(n / bsz)
-    flat = coords.reshape(e * n, k)
-    base = (torch.arange(e, device=A.device) * n).unsqueeze(1)
-    classes = torch.arange(way, device=A.device, dtype=torch.int64)
+    ar = torch.arange(e, device=A.device)
+    classes = torch.arange(way, device=A.device).view(1, way, 1)
+    flat = coords.reshape(r, n * e)
+    rows = flat.t().contiguous() if flat.dtype != torch.float32 else None
     buf = torch.zeros_like(A)
     bbuf = torch.zeros_like(bias)
+    span, bspan = A[:r], buf[:r]
     xp = yp = A  # set at each pass start
     for t in range(steps):
         p, j = divmod(t, per_pass)
         if j == 0:
-            order = perms[:, p].to(A.device)
-            xp = flat.index_select(0, (order + base).reshape(-1)).view(e, n, k)
-            yp = ((order // shot).unsqueeze(-1) == classes).to(A.dtype)
+            order = perms[:, p].to(A.device, torch.int64).t()            # [n, E]
+            index = (order * e + ar).reshape(-1)
+            if rows is None:   # float32: a column gather is fastest
+                xp = flat.index_select(1, index).view(r, n, e)
+            else:              # float64 column gathers are slow on CPU: gather rows, transpose
+                xp = F.embedding(index, rows).t().contiguous().view(r, n, e)
+            yp = ((order // shot).unsqueeze(1) == classes).to(A.dtype)    # [n, way, E]
         lo, hi = j * bsz, min(n, (j + 1) * bsz)
-        xb, yb, b = xp[:, lo:hi], yp[:, lo:hi], hi - lo
+        xb, yb, b = xp[:, lo:hi], yp[lo:hi], hi - lo
         first = t == 0
         c = 1.0 if (first or mom == 0) else 1.0 - float(cfg.dampening)
         m = 0.0 if first else mom
-        num = torch.bmm(xb, A.transpose(1, 2))                      # [e, b, way]
+        num = (xb.unsqueeze(2) * span.unsqueeze(1)).sum(0)              # [b, way, E] = w_c . x_b
         if cosine:
-            inv = torch.linalg.vector_norm(A, dim=-1).reciprocal_()  # 1/|w_c|
-            logits = num * (inv * scale).unsqueeze(1)
+            inv = A.square().sum(0).rsqrt_()                              # 1 / |w_c|
+            logits = num * (inv * scale)
         else:
-            logits = (num + bias.unsqueeze(1)) if use_bias else num
-            logits = logits * scale if scale != 1.0 else logits.clone()
-        logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-        prob = logits.div_(logits.sum(-1, keepdim=True))
-        grad_logit = prob.sub_(yb).mul_(scale / b)                    # dL/d(logit / scale)
+            logits = num + bias if use_bias else num.clone()
+            if scale != 1.0:
+                logits.mul_(scale)
+        logits.sub_(logits.amax(1, keepdim=True)).exp_()
+        prob = logits.div_(logits.sum(1, keepdim=True))
+        g = prob.sub_(yb).mul_(scale / b)             # dCE/d(cos) or dCE/d(Wx+b), batch mean
         if cosine:
-            # d cos_bc / d w_c = x_b/|w_c| - cos_bc w_c/|w_c|^2  (with cos = num/|w|)
-            dot = (grad_logit * num).sum(1)                            # [e, way]
+            # d cos_bc / d w_c = x_b / |w_c| - (w_c . x_b) w_c / |w_c|^3
+            dot = (g * num).sum(0)
             coef = (wd - dot * inv * inv * inv) * c
-            gamma = grad_logit.mul_((inv * c).unsqueeze(1))
+            gamma = g.mul_(inv * c)
         else:
             if use_bias:
-                gb = grad_logit.sum(1).add_(bias, alpha=wd).mul_(c)
+                gb = g.sum(0).add_(bias, alpha=wd).mul_(c)
                 bbuf = gb if first else gb.add_(bbuf, alpha=m)
                 bias.add_(bbuf, alpha=-lr)
-            gamma = grad_logit.mul_(c)
+            gamma = g.mul_(c)
             coef = None
-        new = torch.bmm(gamma.transpose(1, 2), xb)                    # [e, way, k]
-        buf = new if first else new.add_(buf, alpha=m)
+        if first:
+            buf.zero_()
+        elif m != 1.0:
+            buf.mul_(m)
+        for i in range(b):
+            bspan.addcmul_(xb[:, i].unsqueeze(1), gamma[i].unsqueeze(0))
         if coef is None:
             buf.add_(A, alpha=wd * c)
         else:
-            buf.addcmul_(A, coef.unsqueeze(-1))
+            buf.addcmul_(A, coef.unsqueeze(0))
         A.add_(buf, alpha=-lr)
 
 
 def finetune_scores(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, shot: int,
-                    seed: int, start: int = 0, solve_dtype: torch.dtype = torch.float64) -> Tensor:
-    """Query logits ``[E, way * query, way]`` for one chunk of episodes (batched, exact)."""
-    e, way, m = episodes.shape
-    n, dim, dev = way * shot, features.shape[1], features.device
+                    seed: int, start: int = 0, solve_dtype: torch.dtype | None = None) -> Tensor:
+    """Query logits ``[E, way * query, way]`` for one chunk of episodes (batched, exact).
+
+    Gram matrices and the basis are float64; the SGD runs in ``solve_dtype`` (default: the
+    features' dtype, i.e. the precision the per-episode loop would use).
+    """
+    e, way, _ = episodes.shape
+    n, dim, dev, f64 = way * shot, features.shape[1], features.device, torch.float64
+    solve_dtype = solve_dtype or features.dtype
     steps = cfg.num_steps(n, shot)
     passes = max(1, math.ceil(steps / math.ceil(n / cfg.batch_size)))
     draws = episode_draws(seed, start, start + e, way, dim, n, passes)
     w0 = draws.weight.to(dev)
-    feats = F.normalize(features, dim=-1) if cfg.head == "cosine" else features
+    cosine = cfg.head == "cosine"
     support = episodes[:, :, :shot].reshape(e, n).to(dev)
-    f64 = torch.float64
+    query = episodes[:, :, shot:].reshape(e, -1).to(dev)
+
+    # Cosine head: features enter only through x / |x|; fold 1/|x| into products instead.
+    inv = inverse_norms(features) if cosine else None
+    s_sup = inv[support] if cosine else torch.ones(e, n, dtype=f64, device=dev)
     gram = torch.empty(e, n, n, dtype=f64, device=dev)
     cross = torch.empty(e, way, n, dtype=f64, device=dev)
+    w0n2 = torch.empty(e, way, dtype=f64, device=dev)
     sub = sub_chunk_size(n + way, dim)
     for s in range(0, e, sub):
-        x = gather_rows(feats, support[s:s + sub], f64)
-        w = w0[s:s + sub].to(f64)
-        gram[s:s + sub] = torch.bmm(x, x.transpose(1, 2))
-        cross[s:s + sub] = torch.bmm(w, x.transpose(1, 2))
+        x = gather_rows(features, support[s:s + sub])
+        w = w0[s:s + sub].to(features.dtype)
+        sc = s_sup[s:s + sub]
+        x64 = x.to(f64)   # the Gram matrix sets the basis: float64; the rest: features' precision
+        gram[s:s + sub] = torch.bmm(x64, x64.transpose(1, 2)) * sc.unsqueeze(1) * sc.unsqueeze(2)
+        cross[s:s + sub] = torch.bmm(w, x.transpose(1, 2)).to(f64) * sc.unsqueeze(1)
+        w0n2[s:s + sub] = w.square().sum(-1).to(f64)
     coords, transform = support_basis(gram)
     a0 = torch.bmm(cross, transform.transpose(1, 2))                  # [e, way, n]
-    w0n2 = w0.to(f64).pow(2).sum(-1)
-    res2 = (w0n2 - a0.pow(2).sum(-1)).clamp_min(0)
+    res2 = (w0n2 - a0.square().sum(-1)).clamp_min(0)
     has_res = res2 > 1e-12 * w0n2
     beta0 = torch.where(has_res, res2.sqrt(), torch.zeros_like(res2))
-    A = torch.cat([a0, beta0.unsqueeze(-1)], -1).to(solve_dtype)
-    xc = F.pad(coords, (0, 1)).to(solve_dtype)
-    bias = draws.bias.to(dev, solve_dtype) if cfg.has_bias else torch.zeros(e, way, dtype=solve_dtype, device=dev)
+    A = torch.cat([a0, beta0.unsqueeze(-1)], -1).permute(2, 1, 0).to(solve_dtype).contiguous()
+    xc = coords.permute(2, 1, 0).to(solve_dtype).contiguous()         # [n coords, n samples, e]
+    bias = draws.bias.to(dev, solve_dtype).t().contiguous()
     _solve(cfg, A, bias, xc, draws.perms, shot, steps)
-    A = A.to(f64)
+    A = A.permute(2, 1, 0).to(f64)                                    # [e, way, n + 1]
     # Back to feature space: W = (A_r - rho a0) T X + rho W0, with rho = beta / beta0.
     rho = torch.where(has_res, A[..., -1] / beta0.clamp_min(1e-300), torch.zeros_like(beta0))
     coef = torch.bmm(A[..., :n] - rho.unsqueeze(-1) * a0, transform)  # [e, way, n]
-    if cfg.head == "cosine":
-        out_scale = float(cfg.scale) / torch.linalg.vector_norm(A, dim=-1)
-        shift = None
+    if cosine:
+        out_scale = float(cfg.scale) / A.square().sum(-1).sqrt()
     else:
         out_scale = torch.full((e, way), float(cfg.scale), dtype=f64, device=dev)
-        shift = bias.to(f64) if cfg.has_bias else None
-    query = episodes[:, :, shot:].reshape(e, -1).to(dev)
+    coef = coef * s_sup.unsqueeze(1)                                   # weights on raw rows
     out = torch.empty(e, query.shape[1], way, dtype=features.dtype, device=dev)
     sub = sub_chunk_size(query.shape[1] + n, dim)
     for s in range(0, e, sub):
-        x = gather_rows(feats, support[s:s + sub], f64)
-        w = torch.bmm(coef[s:s + sub], x) + rho[s:s + sub].unsqueeze(-1) * w0[s:s + sub].to(f64)
-        w = w * out_scale[s:s + sub].unsqueeze(-1)
-        q = gather_rows(feats, query[s:s + sub])
-        logits = torch.bmm(q, w.to(features.dtype).transpose(1, 2))
-        if shift is not None:
-            logits += (shift[s:s + sub] * float(cfg.scale)).to(features.dtype).unsqueeze(1)
-        out[s:s + sub] = logits
+        sl = slice(s, s + sub)
+        span = torch.bmm(coef[sl], gather_rows(features, support[sl], f64))
+        w = span.to(features.dtype) + rho[sl].unsqueeze(-1).to(features.dtype) * w0[sl].to(features.dtype)
+        logits = torch.bmm(gather_rows(features, query[sl]), w.transpose(1, 2))
+        qs = out_scale[sl].unsqueeze(1) * (inv[query[sl]].unsqueeze(-1) if cosine else 1.0)
+        out[sl] = logits * qs.to(features.dtype)
+    if cfg.has_bias:
+        out += (bias.t() * float(cfg.scale)).to(features.dtype).unsqueeze(1)
     return out
-
-
-def with_overrides(cfg: FinetuneConfig, **kw: object) -> FinetuneConfig:
-    return replace(cfg, **kw)

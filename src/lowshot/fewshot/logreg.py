@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .basis import gather_rows, sub_chunk_size, support_basis
+from .basis import gather_rows, inverse_norms, sub_chunk_size, support_basis
 
 _STEPS = torch.tensor([0.5 ** i for i in range(12)], dtype=torch.float64)
 _BIAS_RIDGE = 1e-9   # fixes the softmax shift invariance of the intercepts (no effect on predictions)
@@ -45,7 +45,8 @@ def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bo
         logits = torch.bmm(z, theta.transpose(1, 2))                 # [e, n, way]
         prob = torch.softmax(logits, -1)
         grad = torch.bmm((prob - y1h).transpose(1, 2), z) + l2 * theta * mask   # [e, way, q]
-        if float(grad.abs().amax()) < tol:
+        active = grad.abs().amax((1, 2)) >= tol      # per-episode stop: chunking-invariant
+        if not bool(active.any()):
             break
         s = torch.diag_embed(prob) - prob.unsqueeze(-1) * prob.unsqueeze(-2)    # [e, n, way, way]
         hess = torch.bmm(s.reshape(e, n, way * way).transpose(1, 2), zz)
@@ -53,6 +54,8 @@ def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bo
         hess.diagonal(dim1=-2, dim2=-1).add_(ridge)
         chol, _ = torch.linalg.cholesky_ex(hess)
         step = -torch.cholesky_solve(grad.reshape(e, -1, 1), chol).view(e, way, q)
+        if fit_intercept:   # keep intercepts zero-mean: the softmax ignores their common shift
+            step[..., -1] -= step[..., -1].mean(-1, keepdim=True)
         # Per-episode backtracking: evaluate all candidate step lengths at once.
         d_logits = torch.bmm(z, step.transpose(1, 2))
         cand = logits.unsqueeze(1) + steps.view(1, -1, 1, 1) * d_logits.unsqueeze(1)
@@ -64,7 +67,7 @@ def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bo
         slope = (grad * step).sum((1, 2))
         ok = f <= f0.unsqueeze(1) + 1e-4 * steps * slope.unsqueeze(1)
         first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(slope, -1, dtype=torch.long))
-        t = torch.where(first >= 0, steps[first.clamp_min(0)], torch.zeros_like(slope))
+        t = torch.where((first >= 0) & active, steps[first.clamp_min(0)], torch.zeros_like(slope))
         if not bool((t > 0).any()):
             break                    # every episode is at the optimum up to rounding
         theta = theta + t.view(e, 1, 1) * step
@@ -79,21 +82,24 @@ def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
     """Query logits ``[E, way * query, way]`` (float64) for one chunk of episodes."""
     e, way, _ = episodes.shape
     n, dim, dev, f64 = way * shot, features.shape[1], features.device, torch.float64
-    feats = torch.nn.functional.normalize(features, dim=-1) if normalize else features
     support = episodes[:, :, :shot].reshape(e, n).to(dev)
     query = episodes[:, :, shot:].reshape(e, -1).to(dev)
+    inv = inverse_norms(features) if normalize else None
+    s_sup = inv[support] if normalize else torch.ones(e, n, dtype=f64, device=dev)
     gram = torch.empty(e, n, n, dtype=f64, device=dev)
     sub = sub_chunk_size(n, dim)
     for s in range(0, e, sub):
-        x = gather_rows(feats, support[s:s + sub], f64)
-        gram[s:s + sub] = torch.bmm(x, x.transpose(1, 2))
+        x = gather_rows(features, support[s:s + sub], f64)
+        sc = s_sup[s:s + sub]
+        gram[s:s + sub] = torch.bmm(x, x.transpose(1, 2)) * sc.unsqueeze(1) * sc.unsqueeze(2)
     coords, transform = support_basis(gram)
     y = torch.arange(way).repeat_interleave(shot)
     a, b = fit_logreg(coords, y, way, 1.0 / C, fit_intercept, max_iter, tol)
-    coef = torch.bmm(a, transform)                                    # weights on support rows
+    coef = torch.bmm(a, transform) * s_sup.unsqueeze(1)              # weights on raw support rows
     out = torch.empty(e, query.shape[1], way, dtype=f64, device=dev)
     sub = sub_chunk_size(n + query.shape[1], dim)
     for s in range(0, e, sub):
-        w = torch.bmm(coef[s:s + sub], gather_rows(feats, support[s:s + sub], f64))
-        out[s:s + sub] = torch.bmm(gather_rows(feats, query[s:s + sub], f64), w.transpose(1, 2))
+        w = torch.bmm(coef[s:s + sub], gather_rows(features, support[s:s + sub], f64))
+        logits = torch.bmm(gather_rows(features, query[s:s + sub], f64), w.transpose(1, 2))
+        out[s:s + sub] = logits * inv[query[s:s + sub]].unsqueeze(-1) if normalize else logits
     return out + b.unsqueeze(1)

@@ -65,7 +65,7 @@ def finetune_reference(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, 
         x = features[episodes[i, :, :shot].reshape(-1).to(dev)]
         for t in range(steps):
             p, j = divmod(t, per_pass)
-            idx = draws.perms[i, p, j * cfg.batch_size:(j + 1) * cfg.batch_size].to(dev)
+            idx = draws.perms[i, p, j * cfg.batch_size:(j + 1) * cfg.batch_size].to(dev, torch.int64)
             loss = F.cross_entropy(head(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

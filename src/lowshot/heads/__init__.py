@@ -18,6 +18,7 @@ Registered (aliases in brackets), training target logit, defaults:
 from __future__ import annotations
 
 from . import linear, margin, virtual  # noqa: F401  (import registers the factories)
+from . import ncm  # noqa: F401  (nearest-class-mean head, lowshot.longtail's NCM as a head)
 from .linear import LinearHead, NegSoftmaxHead
 from .margin import ArcFaceHead, CosineHead, arc_margin
 from .registry import HEADS, Head, create_head, list_heads, register_head

@@ -1,8 +1,9 @@
 """Long-tailed recognition: Decoupling Representation and Classifier (Kang et al., ICLR 2020).
 
 ``make`` builds long-tailed subsets, ``samplers`` the stage-1/stage-2 sampling strategies,
-``decouple`` the stage-2 classifiers (cRT, tau-norm with automatic tau, LWS, NCM) and ``metrics``
-the many / medium / few-shot evaluation. Importing this package registers the datasets
+``decouple`` the stage-2 classifiers (cRT, tau-norm with automatic tau, LWS, NCM), ``metrics``
+the many / medium / few-shot evaluation, and ``stage2`` runs a method on a trained checkpoint
+(``decouple`` / ``evaluate_checkpoint``; CLI ``lowshot decouple``), writing a new checkpoint. Importing this package registers the datasets
 ``fashion_mnist_lt``, ``cifar10_lt`` and ``cifar100_lt``.
 """
 from __future__ import annotations
@@ -14,9 +15,13 @@ from .make import balanced_split, class_counts, class_indices, longtail_counts, 
 from .metrics import (format_per_class_table, per_class_table, shot_accuracy, shot_groups,
                       thresholds_by_rank)
 from .samplers import SAMPLERS, LongTailSampler, build_sampler, list_samplers
+from .methods import METHODS, register_method
+from .stage2 import decouple as decouple_checkpoint
+from .stage2 import evaluate_checkpoint
 
 __all__ = ["make_longtail", "longtail_counts", "balanced_split", "class_counts", "class_indices",
            "SAMPLERS", "LongTailSampler", "build_sampler", "list_samplers",
            "shot_accuracy", "shot_groups", "thresholds_by_rank", "per_class_table", "format_per_class_table",
            "tau_normalize", "select_tau", "learn_lws", "apply_lws", "retrain_crt", "retrain_crt_on_images",
-           "ncm_classifier", "ncm_scores", "ncm_predict"]
+           "ncm_classifier", "ncm_scores", "ncm_predict",
+           "METHODS", "register_method", "decouple_checkpoint", "evaluate_checkpoint"]

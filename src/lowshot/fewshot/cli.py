@@ -1,0 +1,92 @@
+"""``lowshot eval``: few-shot meta-test of a checkpoint on a split, with cached features."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def finetune_head_for(head_name: str) -> str:
+    """Fine-tune head family for a training head: cosine-like heads -> cosine, others -> linear.
+
+    The Negative-Margin protocol fine-tunes a fresh head "of the training head's type" with margin 0
+    and scale 5 (cosine); softmax-type heads get a linear classifier.
+    """
+    cosine_like = {"cosine", "neg_cosine", "cosface", "normface", "arcface"}
+    return "cosine" if head_name in cosine_like else "linear"
+
+
+def method_kwargs(head_name: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(options)
+    if method == "finetune" and "head" not in kw:
+        kw["head"] = finetune_head_for(head_name)
+    return kw
+
+
+def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | None = None,
+             shots: list[int] | None = None, query: int | None = None, episodes: int | None = None,
+             method: str | None = None, seed: int | None = None, options: dict[str, Any] | None = None,
+             dataset: str | None = None, root: str | None = None, device: str = "auto",
+             out: str | Path | None = None, log: Any = print) -> dict[str, Any]:
+    """Evaluate; unspecified protocol values come from the checkpoint config's ``eval`` section."""
+    from ..checkpoint import load_checkpoint
+    from ..config import config_from_checkpoint
+    from ..features import cached_split_features
+    from ..utils import resolve_device
+    from . import evaluate, format_table
+    ckpt_path = Path(checkpoint)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "best.pt"
+    cfg = config_from_checkpoint(load_checkpoint(ckpt_path)["config"])
+    e = cfg.eval
+    split = split or cfg.data.novel_split
+    if not split:
+        raise ConfigError("no split given and the checkpoint's config has no data.novel_split; pass --split")
+    method = method or e.method
+    opts = {**e.options, **(options or {})}
+    feats, labels, names = cached_split_features(ckpt_path, split, dataset=dataset, root=root, device=device)
+    log(f"features: {split} split, {feats.shape[0]} images, {len(set(labels.tolist()))} classes, {feats.shape[1]}-d")
+    results = []
+    for shot in shots or e.shots:
+        res = evaluate(feats, labels, way=way or e.way, shot=shot, query=query or e.query,
+                       episodes=episodes or e.episodes, method=method, seed=e.seed if seed is None else seed,
+                       class_names=names, device=resolve_device(device), **method_kwargs(cfg.head.name, method, opts))
+        res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
+        results.append(res)
+    log(format_table(results))
+    record = {"checkpoint": str(ckpt_path), "split": split, "dataset": dataset or cfg.data.name, "results": results}
+    out_path = Path(out) if out else ckpt_path.parent / f"eval_{ckpt_path.stem}_{split}_{method}.json"
+    from ..checkpoint import write_text_atomic
+    write_text_atomic(out_path, json.dumps(record, indent=1))
+    log(f"wrote {out_path}")
+    return record
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from ..config import parse_override
+    options = dict(parse_override(o) for o in args.options)
+    run_eval(args.checkpoint, split=args.split, way=args.way, shots=args.shot, query=args.query,
+             episodes=args.episodes, method=args.method, seed=args.seed, options=options, dataset=args.dataset,
+             root=args.root, device=args.device, out=args.out)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("eval", help="few-shot meta-test on frozen features (batched over episodes)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--split", help="dataset split (default: the config's data.novel_split)")
+    p.add_argument("--dataset", help="evaluate on another registered dataset (e.g. cross-domain)")
+    p.add_argument("--root", help="root of --dataset")
+    p.add_argument("--way", type=int)
+    p.add_argument("--shot", type=int, nargs="+", help="one or more shot counts, e.g. --shot 1 5")
+    p.add_argument("--query", type=int)
+    p.add_argument("--episodes", type=int)
+    p.add_argument("--method", help="finetune | ncm | logreg (see lowshot.fewshot.list_methods())")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
+    p.add_argument("options", nargs="*", help="method options as key=value, e.g. preset=bl0 head=linear")
+    p.set_defaults(func=_cmd)

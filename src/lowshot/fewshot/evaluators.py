@@ -1,0 +1,188 @@
+"""Few-shot methods on frozen features, each solving all episodes of a chunk at once.
+
+A method maps ``(features [N, D], episodes [E, way, shot + query], shot)`` to query scores
+``[E, way * query, way]`` (queries in class-major order, so query ``i`` has label
+``i // query``).  Methods register in ``EVALUATORS``; add one by subclassing
+``FewShotMethod`` and decorating it with ``@EVALUATORS.register("name")``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+from .basis import gather_rows, sub_chunk_size
+from .finetune import FinetuneConfig, finetune_scores
+from .logreg import logreg_scores
+from .reference import finetune_reference
+
+EVALUATORS: Registry = Registry("few-shot method")
+
+
+def list_methods() -> list[str]:
+    return EVALUATORS.names()
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class FewShotMethod:
+    """Base class: chunks episodes (memory) and delegates each chunk to ``chunk_scores``."""
+
+    name = "method"
+
+    def __init__(self, chunk_size: int = 256) -> None:
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+
+    def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
+        """Query scores ``[E, way * query, way]``; identical for any ``chunk_size``."""
+        parts = [self.chunk_scores(features, episodes[s:s + self.chunk_size], shot, seed, s)
+                 for s in range(0, episodes.shape[0], self.chunk_size)]
+        return torch.cat(parts)
+
+    def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
+                     start: int) -> Tensor:
+        raise NotImplementedError
+
+
+def create_method(name: str, **kw: Any) -> FewShotMethod:
+    """``EVALUATORS.create`` with a ConfigError naming any keyword the method does not take."""
+    cls = EVALUATORS.get(name)
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kw) - set(params))
+    if unknown:
+        known = ", ".join(p for p in params if p != "self")
+        raise ConfigError(f"few-shot method {EVALUATORS.canonical(name)!r} got unknown "
+                          f"option(s) {', '.join(map(repr, unknown))} (options: {known})")
+    return cls(**kw)
+
+
+@EVALUATORS.register("finetune")
+class Finetune(FewShotMethod):
+    """Fresh head per episode fine-tuned with SGD (Baseline++ / Negative-Margin protocol).
+
+    See ``lowshot.fewshot.finetune`` for the exact protocol.  ``batched=False`` runs the
+    per-episode reference loop (``torch.optim.SGD`` on an ``nn.Module``) with the same
+    initial weights and shuffles; ``solve_dtype`` ("float32"/"float64", default: features'
+    dtype) is the precision of the batched SGD in the small basis.
+    """
+
+    name = "finetune"
+
+    def __init__(self, head: str = "cosine", preset: str = "mmfewshot", steps: int | None = None,
+                 epochs: int | None = None, scale: float | None = None, bias: bool = True,
+                 lr: float = 0.01, momentum: float = 0.9, dampening: float = 0.9,
+                 weight_decay: float = 1e-3, batch_size: int = 4, batched: bool = True,
+                 chunk_size: int = 2048, solve_dtype: str | None = None) -> None:
+        super().__init__(chunk_size)
+        self.config = FinetuneConfig(head=head, scale=scale, bias=bias, preset=preset, steps=steps,
+                                     epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                                     dampening=dampening, weight_decay=weight_decay)
+        self.batched = bool(batched)
+        if solve_dtype not in (None, "float32", "float64"):
+            raise ConfigError(f"solve_dtype must be 'float32' or 'float64', got {solve_dtype!r}")
+        self.solve_dtype = getattr(torch, solve_dtype) if solve_dtype else None
+
+    def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
+                     start: int) -> Tensor:
+        if self.batched:
+            return finetune_scores(self.config, features, episodes, shot, seed, start, self.solve_dtype)
+        return finetune_reference(self.config, features, episodes, shot, seed, start)
+
+
+@EVALUATORS.register("ncm", "protonet")
+class NearestClassMean(FewShotMethod):
+    """Nearest class mean (ProtoNet / SimpleShot-style) on frozen features.
+
+    Per episode: optionally subtract a centre (``center_vector``, e.g. the mean base-class
+    feature; else, with ``center=True``, the mean of the episode's support features), optionally
+    L2-normalise (``normalize``), average each class's support into a prototype, and score
+    queries by cosine similarity (``metric="cosine"``) or negative squared L2 distance
+    (``metric="l2"``).  With ``metric="l2"`` and no normalisation, centering is a no-op
+    (distances are translation invariant).  Computed in float64.
+    """
+
+    name = "ncm"
+
+    def __init__(self, metric: str = "cosine", center: bool | None = None,
+                 center_vector: Any = None, normalize: bool = False, chunk_size: int = 128) -> None:
+        super().__init__(chunk_size)
+        if metric not in ("cosine", "l2"):
+            raise ConfigError(f"ncm metric must be 'cosine' or 'l2', got {metric!r}")
+        if center is False and center_vector is not None:
+            raise ConfigError("ncm: center=False contradicts a given center_vector")
+        self.metric = metric
+        self.center_vector = None if center_vector is None else torch.as_tensor(
+            np.asarray(center_vector) if not isinstance(center_vector, Tensor) else center_vector
+        ).to(torch.float64).flatten()
+        self.center = bool(center) or self.center_vector is not None
+        self.normalize = bool(normalize)
+
+    def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
+                     start: int) -> Tensor:
+        e, way, _ = episodes.shape
+        dev, dim = features.device, features.shape[1]
+        eps = episodes.to(dev)
+        centre = self.center_vector
+        if centre is not None:
+            if centre.numel() != dim:
+                raise DataError(f"ncm center_vector has {centre.numel()} values, "
+                                f"the features have {dim} dims")
+            centre = centre.to(dev)
+        out = []
+        step = sub_chunk_size(eps.shape[2], dim)
+        for s in range(0, e, step):
+            x = gather_rows(features, eps[s:s + step], dtype=torch.float64)   # [e', way, m, D]
+            if centre is not None:
+                x = x - centre
+            elif self.center:
+                x = x - x[:, :, :shot].mean((1, 2), keepdim=True)
+            if self.normalize:
+                x = F.normalize(x, dim=-1)
+            proto = x[:, :, :shot].mean(2)                                # [e, way, D]
+            q = x[:, :, shot:].reshape(x.shape[0], -1, dim)
+            if self.metric == "cosine":
+                out.append(torch.bmm(F.normalize(q, dim=-1), F.normalize(proto, dim=-1).transpose(1, 2)))
+            else:
+                d2 = (q.square().sum(-1, keepdim=True) - 2 * torch.bmm(q, proto.transpose(1, 2))
+                      + proto.square().sum(-1).unsqueeze(1))
+                out.append(-d2.clamp_min(0))
+        return torch.cat(out)
+
+
+@EVALUATORS.register("logreg", "logistic")
+class LogisticRegression(FewShotMethod):
+    """Multinomial L2 logistic regression per episode (scikit-learn's objective).
+
+    ``C`` is scikit-learn's inverse regularisation strength (default 1.0, as in RFS, Tian et
+    al. 2020); ``l2 = 1 / C`` may be given instead.  Features are L2-normalised by default.
+    """
+
+    name = "logreg"
+
+    def __init__(self, C: float | None = None, l2: float | None = None, normalize: bool = True,
+                 fit_intercept: bool = True, max_iter: int = 50, tol: float = 1e-7,
+                 chunk_size: int = 256) -> None:
+        super().__init__(chunk_size)
+        if C is not None and l2 is not None:
+            raise ConfigError("logreg: give C or l2 (= 1 / C), not both")
+        c = 1.0 if C is None and l2 is None else (float(C) if C is not None else 1.0 / float(l2))
+        if not (0 < c < float("inf")):
+            raise ConfigError(f"logreg C must be positive and finite, got {C if C is not None else 1 / l2!r}")
+        self.C = c
+        self.normalize, self.fit_intercept = bool(normalize), bool(fit_intercept)
+        self.max_iter, self.tol = _positive_int("max_iter", max_iter), float(tol)
+
+    def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
+                     start: int) -> Tensor:
+        return logreg_scores(features, episodes, shot, self.C, self.normalize, self.fit_intercept,
+                             self.max_iter, self.tol)

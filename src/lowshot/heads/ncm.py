@@ -1,0 +1,90 @@
+"""Nearest-class-mean head: the NCM classifier of Kang et al. (ICLR 2020) as a regular head.
+
+Holding the class means as ``.weight`` makes an NCM classifier an ordinary checkpoint entry:
+``model_from_checkpoint`` rebuilds it, ``lowshot embed`` / ``eval`` use it unchanged. Features
+are centred by the ``center`` buffer and L2-normalised, then
+
+* ``metric="l2"``: logit_j = -||q - mu_j||^2 with q = normalize(x - center);
+* ``metric="cosine"``: logit_j = cos(q, mu_j).
+
+``fit(features, labels)`` sets ``center`` to the mean of the per-class means (not of all
+features, which on a long-tailed set is dominated by head classes) and ``weight`` to the class
+means of the centred, normalised features. The head has no margin; it is differentiable in
+both ``x`` and ``weight`` so it can also be fine-tuned like a prototype layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, DataError
+from .registry import Head, register_head
+
+NCM_METRICS = ("l2", "cosine")
+
+
+def ncm_logits(
+    features: torch.Tensor, means: torch.Tensor, center: torch.Tensor, metric: str = "l2"
+) -> torch.Tensor:
+    """Scores [N, C] (higher is closer) of centred, L2-normalised features against class means."""
+    q = F.normalize(features - center, dim=1)
+    if metric == "cosine":
+        return q @ F.normalize(means, dim=1).t()
+    # -||q - mu||^2 expanded: one matmul instead of an [N, C, D] difference tensor
+    return 2.0 * q @ means.t() - (q * q).sum(1, keepdim=True) - (means * means).sum(1)[None, :]
+
+
+class NCMHead(Head):
+    """logits = -||normalize(x - center) - mu_j||^2 (``l2``) or cos(normalize(x - center), mu_j)."""
+
+    head_name = "ncm"
+
+    def __init__(self, num_classes: int, embedding_size: int, metric: str = "l2") -> None:
+        if metric not in NCM_METRICS:
+            raise ConfigError(f"head 'ncm': metric must be one of {NCM_METRICS}, got {metric!r}")
+        super().__init__(num_classes, embedding_size, bias=False)
+        self.metric = metric
+        self.register_buffer("center", torch.zeros(embedding_size))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(features, labels)
+        return ncm_logits(features, self.weight, self.center.to(features.dtype), self.metric)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, center: bool = True) -> "NCMHead":
+        """Set ``center`` and the class means from training features; every class needs one."""
+        f = torch.as_tensor(features).to(self.weight)
+        y = torch.as_tensor(labels).reshape(-1).long().to(f.device)
+        if f.dim() != 2 or f.shape[1] != self.embedding_size or y.numel() != f.shape[0]:
+            raise DataError(
+                f"head 'ncm': fit needs features (N, {self.embedding_size}) and N labels, "
+                f"got {tuple(f.shape)} and {y.numel()}"
+            )
+        if y.numel() == 0 or int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise DataError(f"head 'ncm': fit labels must lie in 0..{self.num_classes - 1}")
+        counts = torch.bincount(y, minlength=self.num_classes)
+        empty = torch.nonzero(counts == 0).reshape(-1)
+        if empty.numel():
+            raise DataError(f"head 'ncm': class {int(empty[0])} has no training features")
+
+        def class_means(x: torch.Tensor) -> torch.Tensor:
+            sums = torch.zeros(self.num_classes, x.shape[1], dtype=x.dtype, device=x.device)
+            return sums.index_add_(0, y, x) / counts.to(x)[:, None]
+
+        mu = class_means(f).mean(dim=0) if center else torch.zeros_like(self.center)
+        means = class_means(F.normalize(f - mu, dim=1))
+        if self.metric == "cosine":
+            means = F.normalize(means, dim=1)
+        self.center.copy_(mu)
+        self.weight.copy_(means)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, metric={self.metric!r}"
+
+
+@register_head("ncm", "nearest_class_mean")
+def ncm(num_classes: int, embedding_size: int, metric: str = "l2") -> NCMHead:
+    """NCM head; call ``fit`` (or load a checkpoint) to set the class means and centre."""
+    return NCMHead(num_classes, embedding_size, metric)

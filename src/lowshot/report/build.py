@@ -1,0 +1,238 @@
+"""Turn collected run data into report sections (tables + figures) and write report.html / report.md."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import figures
+from .collect import Collected, Run, accuracy_records, collect, longtail_summary, tau_curve
+from .html import FigureRef, Para, Section, Table, render_html, render_markdown
+
+TITLE = "lowshot report"
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "-" if x is None else str(x)
+    return f"{x:.{digits}f}" if math.isfinite(x) else ("inf" if x > 0 else "-")
+
+
+def _g(x: Any) -> str:
+    if x is None:
+        return "inf"
+    return f"{x:.4g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+def _pm(mean: Any, ci: Any) -> str:
+    return _f(mean) + (f" ± {_f(ci)}" if isinstance(ci, (int, float)) else "")
+
+
+class _Figs:
+    """Names figure files uniquely inside the report directory."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.n = out, 0
+
+    def path(self, stem: str) -> Path:
+        self.n += 1
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
+        return self.out / f"fig{self.n:02d}_{safe}.png"
+
+
+def _cfg(run: Run, dotted: str) -> Any:
+    node: Any = run.config or (run.result or {}).get("config", {})
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+# ----------------------------------------------------------------------------- sections
+
+def overview_section(c: Collected) -> Section:
+    s = Section("Runs")
+    rows = []
+    for r in c.runs:
+        m = r.metrics
+        best = max((x for x in m if isinstance(x.get("val_mean"), (int, float))), key=lambda x: x["val_mean"],
+                   default=None)
+        rows.append([r.label, str(_cfg(r, "data.name") or "-"), str(_cfg(r, "model.backbone") or "-"),
+                     str(_cfg(r, "head.name") or "-"), _g(_cfg(r, "head.margin")),
+                     f"{m[-1].get('epoch', '-')}/{_cfg(r, 'train.epochs') or '-'}" if m else "-",
+                     _f(m[-1].get("base_acc")) if m else "-",
+                     _pm(best["val_mean"], best.get("val_ci95")) + f" (epoch {best.get('epoch')})" if best else "-"])
+    if rows:
+        s.blocks.append(Table(["run", "dataset", "backbone", "head", "margin", "epochs", "final base acc %",
+                               "best val % (few-shot)"], rows))
+    else:
+        s.blocks.append(Para("No training runs found (only sweep summaries).", note=True))
+    if c.sweeps:
+        s.blocks.append(Para("Sweeps: " + ", ".join(sw.label for sw in c.sweeps)))
+    return s
+
+
+def curves_section(c: Collected, figs: _Figs) -> Section:
+    s = Section("Training curves")
+    groups: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for r in c.runs:
+        if r.metrics:
+            parent, _, leaf = r.label.rpartition("/")
+            groups.setdefault(parent or r.label, []).append((leaf or r.label, r.metrics))
+    for name, runs in groups.items():
+        for i in range(0, len(runs), 10):  # at most 10 lines per figure stay readable
+            p = figures.plot_training_curves(runs[i:i + 10], figs.path(f"curves_{name}"))
+            if p is not None:
+                s.blocks.append(FigureRef(p, f"{name}: loss, train / held-out base accuracy, few-shot validation "
+                                             f"(band: 95% CI) per epoch, from metrics.jsonl"))
+    if not s.blocks:
+        s.blocks.append(Para("No data: no metrics.jsonl found in the given directories.", note=True))
+    return s
+
+
+def fewshot_section(c: Collected, figs: _Figs) -> Section:
+    s = Section("Few-shot accuracy")
+    rows, bars = [], []
+    for r in c.runs:
+        sources: list[tuple[str, Any]] = list(r.evals)
+        if r.result and r.result.get("fewshot"):
+            proto = r.result.get("protocol", {})
+            sources.append(("result.json", [{**v, "shot": int(k), "way": proto.get("way"),
+                                             "method": proto.get("method"), "episodes": proto.get("episodes"),
+                                             "checkpoint": r.result.get("checkpoint")}
+                                            for k, v in r.result["fewshot"].items()]))
+        for fname, data in sources:
+            for rec in accuracy_records(data):
+                rows.append([r.label, fname, str(rec.get("method", "-")), str(rec.get("way", "-")),
+                             str(rec.get("shot", "-")), str(rec.get("episodes", "-")), _pm(rec["mean"], rec["ci95"])])
+                bars.append({"label": f"{r.label} · {rec.get('way', '?')}-way {rec.get('shot', '?')}-shot"
+                                      f" ({rec.get('method', '?')})", "mean": rec["mean"], "ci95": rec["ci95"],
+                             "shot": rec.get("shot")})
+    if not rows:
+        s.blocks.append(Para("No data: no eval*.json or sweep result.json with few-shot accuracies found.", note=True))
+        return s
+    s.blocks.append(Table(["run", "file", "method", "way", "shot", "episodes", "accuracy % (95% CI)"], rows))
+    if len(bars) <= 60:
+        p = figures.plot_fewshot_bars(bars, figs.path("fewshot"))
+        if p is not None:
+            s.blocks.append(FigureRef(p, "few-shot accuracy on novel classes, mean ± 95% confidence interval"))
+    return s
+
+
+def sweeps_section(c: Collected, figs: _Figs) -> Section:
+    from ..analysis.sweep import sweep_table
+    s = Section("Margin sweeps")
+    for sw in c.sweeps:
+        points = sw.data.get("points") or []
+        if not points:
+            s.blocks.append(Para(f"{sw.label}: sweep.json lists no finished points yet.", note=True))
+            continue
+        header, rows = sweep_table(points)
+        s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.get('grid', {})})"))
+        p = figures.plot_sweep(points, sw.data.get("axis"), figs.path(f"sweep_{sw.label}"))
+        s.blocks.append(FigureRef(p, f"{sw.label}: base-class and novel-class accuracy and discriminability phi "
+                                     f"against {sw.data.get('axis') or 'the sweep point'}"))
+    if not s.blocks:
+        s.blocks.append(Para("No data: no sweep.json found (run `lowshot sweep`).", note=True))
+    return s
+
+
+def phi_section(c: Collected, figs: _Figs) -> Section:
+    s = Section("Feature discriminability (phi)")
+    s.blocks.append(Para("phi = D_inter / D_intra (Liu et al., ECCV 2020): mean squared distance between class "
+                         "centres over mean squared distance of samples to their class centre; higher = more "
+                         "separable. 'raw' uses the backbone features, 'l2' L2-normalised features."))
+    rows = []
+    for r in c.runs:
+        sources = []
+        if r.analysis:
+            sources.append(("analysis.json", r.analysis.get("splits", {})))
+        if r.result and r.result.get("phi"):
+            sources.append(("result.json", r.result["phi"]))
+        for fname, splits in sources:
+            for kind, d in splits.items():
+                if not isinstance(d, dict):
+                    continue
+                sp = d.get(d.get("space", "raw"), {}) or {}
+                rows.append([r.label, fname, kind, str(d.get("split", "-")), str(sp.get("num_classes", "-")),
+                             str(sp.get("num_samples", "-")), f"{_g(d.get('phi'))} ({d.get('space', '?')})",
+                             _g((d.get("raw") or {}).get("phi")), _g((d.get("l2") or {}).get("phi")),
+                             _g(sp.get("inter")), _g(sp.get("intra"))])
+        if r.analysis and r.analysis_dir is not None:
+            for kind, name in (r.analysis.get("projections") or {}).items():
+                src = r.analysis_dir / str(name)
+                if src.is_file() and src.suffix == ".png":
+                    dst = figs.path(f"projection_{r.label}_{kind}")
+                    shutil.copyfile(src, dst)
+                    s.blocks.append(FigureRef(dst, f"{r.label}: 2-D projection of {kind} features"))
+    if rows:
+        s.blocks.insert(1, Table(["run", "file", "split", "dataset split", "classes", "samples", "phi (space)",
+                                  "phi raw", "phi l2", "D_inter", "D_intra"], rows))
+    else:
+        s.blocks.append(Para("No data: no analysis.json (lowshot analyze) or sweep result.json found.", note=True))
+    return s
+
+
+def longtail_section(c: Collected, figs: _Figs) -> Section:
+    s = Section("Long-tail (decoupled classifiers)")
+    rows, groups, scatter, curves = [], [], [], []
+    for r in c.runs:
+        for method, _file, data in r.decouple:
+            summ = longtail_summary(data)
+            curve = tau_curve(data)
+            label = f"{r.label} · {method}"
+            if curve:
+                curves.append((label, curve))
+            if summ is None:
+                continue
+            rows.append([r.label, method, _f(summ.get("overall")), _f(summ.get("class_mean")), _f(summ.get("many")),
+                         _f(summ.get("medium")), _f(summ.get("few")), _g(summ.get("tau")) if "tau" in summ else "-"])
+            groups.append((label, summ))
+            if "per_class" in summ and "train_counts" in summ:
+                scatter.append((label, summ["per_class"], summ["train_counts"]))
+    if not rows and not curves:
+        s.blocks.append(Para("No data: no decouple_*.json found (run `lowshot decouple`).", note=True))
+        return s
+    if rows:
+        s.blocks.append(Table(["run", "method", "overall %", "class mean %", "many %", "medium %", "few %", "tau"],
+                              rows))
+        p = figures.plot_shot_groups(groups, figs.path("longtail_groups"))
+        if p is not None:
+            s.blocks.append(FigureRef(p, "accuracy on many- / medium- / few-shot classes and overall"))
+    p = figures.plot_per_class_vs_count(scatter, figs.path("longtail_per_class"))
+    if p is not None:
+        s.blocks.append(FigureRef(p, "per-class accuracy against the number of training images of the class"))
+    elif rows:
+        s.blocks.append(Para("Per-class accuracy vs training count: no per_class / train_counts in the "
+                             "decouple results.", note=True))
+    p = figures.plot_tau_curves(curves, figs.path("tau"))
+    if p is not None:
+        s.blocks.append(FigureRef(p, "tau-normalisation: validation accuracy against tau"))
+    elif rows:
+        s.blocks.append(Para("tau curve: no tau search curve stored in the decouple results.", note=True))
+    return s
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write ``report.html`` (self-contained), ``report.md`` and the figure PNGs into ``out_dir``."""
+    from ..checkpoint import write_text_atomic
+    from ..errors import DataError
+    if not run_dirs:
+        raise DataError("lowshot report needs at least one RUN_DIR")
+    c = collect(list(run_dirs))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("fig[0-9][0-9]_*.png"):  # figures of an earlier report into the same folder
+        old.unlink()
+    figs = _Figs(out)
+    sections = [overview_section(c), curves_section(c, figs), fewshot_section(c, figs), sweeps_section(c, figs),
+                phi_section(c, figs), longtail_section(c, figs)]
+    intro = ["Inputs: " + ", ".join(str(p) for p in c.inputs) + f" ({len(c.runs)} runs, {len(c.sweeps)} sweeps)."]
+    if c.notes:
+        sections.append(Section("Notes", [Para(n, note=True) for n in c.notes]))
+    write_text_atomic(out / "report.md", render_markdown(TITLE, intro, sections))
+    return write_text_atomic(out / "report.html", render_html(TITLE, intro, sections))

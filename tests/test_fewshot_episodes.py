@@ -1,0 +1,95 @@
+"""Episode sampling: layout, disjointness, determinism (hard-coded), clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowshot.errors import ConfigError, DataError
+from lowshot.fewshot import episode_labels, sample_episodes
+
+
+def _labels(classes: int = 10, per: int = 20) -> torch.Tensor:
+    return torch.arange(classes).repeat_interleave(per)
+
+
+def test_shape_dtype_and_support_query_layout():
+    labels = _labels()
+    eps = sample_episodes(labels, way=5, shot=3, query=4, episodes=50, seed=1)
+    assert eps.shape == (50, 5, 7) and eps.dtype == torch.int64
+    cls = labels[eps]                                   # [E, way, shot + query]
+    assert bool((cls == cls[:, :, :1]).all()), "every column block must hold one class"
+    first = cls[:, :, 0]
+    assert all(len(set(row.tolist())) == 5 for row in first), "classes of an episode are distinct"
+    flat = eps.reshape(50, -1)
+    assert all(len(set(row.tolist())) == 35 for row in flat), "no sample twice (support ∩ query = ∅)"
+
+
+def test_same_seed_same_tensor_different_seed_differs():
+    labels = _labels()
+    a = sample_episodes(labels, 5, 1, 15, 100, seed=3)
+    assert torch.equal(a, sample_episodes(labels, 5, 1, 15, 100, seed=3))
+    assert not torch.equal(a, sample_episodes(labels, 5, 1, 15, 100, seed=4))
+
+
+def test_hard_coded_episodes_catch_cross_machine_changes():
+    eps = sample_episodes(torch.arange(12) // 3, way=2, shot=1, query=1, episodes=3, seed=7)
+    assert eps.tolist() == [[[4, 5], [1, 0]], [[6, 8], [11, 10]], [[10, 9], [7, 6]]]
+    # arbitrary integer labels (not 0..C-1), classes of unequal size
+    eps = sample_episodes([5, 5, 5, 9, 9, 9, 2, 2, 2, 2], way=3, shot=2, query=1, episodes=2, seed=0)
+    assert eps.tolist() == [[[3, 4, 5], [1, 2, 0], [9, 8, 7]], [[2, 0, 1], [3, 5, 4], [9, 6, 7]]]
+
+
+def test_numpy_labels_and_unsorted_classes_work():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat([40, 7, 13, 99, 3], 6))
+    eps = sample_episodes(labels, way=4, shot=2, query=3, episodes=30, seed=0)
+    cls = torch.as_tensor(labels)[eps]
+    assert bool((cls == cls[:, :, :1]).all())
+
+
+def test_class_and_sample_draws_are_roughly_uniform():
+    labels = _labels(classes=8, per=10)
+    eps = sample_episodes(labels, way=2, shot=1, query=1, episodes=4000, seed=0)
+    class_counts = torch.bincount(labels[eps[:, :, 0]].flatten(), minlength=8).float()
+    assert class_counts.min() > 0.85 * class_counts.mean()        # expected 1000 each
+    sample_counts = torch.bincount(eps.flatten(), minlength=80).float()
+    assert sample_counts.min() > 0.6 * sample_counts.mean()       # expected 200 each
+
+
+def test_error_names_class_with_too_few_samples():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 10 + [3] * 2)
+    with pytest.raises(DataError, match=r"class 1 \('cat'\) has 3 samples.*shot \+ query = 1 \+ 4 = 5.*1 more"):
+        sample_episodes(labels, 2, 1, 4, 10, class_names=["dog", "cat", "cow", "owl"])
+    with pytest.raises(DataError, match=r"class 13 has 3 samples"):
+        sample_episodes(labels + 12, 2, 1, 4, 10)
+
+
+def test_error_when_fewer_classes_than_way():
+    with pytest.raises(DataError, match="5-way episodes need at least 5 classes, the labels have 3"):
+        sample_episodes(_labels(classes=3), way=5, shot=1, query=1, episodes=1)
+
+
+@pytest.mark.parametrize("kw", [{"way": 0}, {"shot": 0}, {"query": -1}, {"episodes": 0}, {"way": 2.5}])
+def test_bad_sizes_raise_config_error(kw):
+    args = {"way": 2, "shot": 1, "query": 1, "episodes": 1, **kw}
+    with pytest.raises(ConfigError):
+        sample_episodes(_labels(), **args)
+
+
+def test_bad_labels_raise_data_error():
+    with pytest.raises(DataError, match="1-D"):
+        sample_episodes(torch.zeros(4, 2, dtype=torch.long), 1, 1, 1, 1)
+    with pytest.raises(DataError, match="integers"):
+        sample_episodes(torch.tensor([0.5, 1.0]), 1, 1, 0, 1)
+
+
+def test_episode_labels_match_class_major_layout():
+    assert episode_labels(3, 2).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_two_thousand_episodes_with_many_samples_per_class():
+    labels = _labels(classes=20, per=600)
+    eps = sample_episodes(labels, 5, 5, 15, 2000, seed=0)
+    assert eps.shape == (2000, 5, 20)
+    assert eps.unique().numel() > 0.9 * labels.numel()   # draws spread over the whole split

@@ -1,0 +1,154 @@
+"""NCM (hand-computed), logistic regression vs scikit-learn, evaluate()/CI/table, chunking."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowshot.errors import ConfigError, DataError
+from lowshot.fewshot import (EVALUATORS, LogisticRegression, NearestClassMean, evaluate,
+                             evaluate_many, format_table, list_methods, sample_episodes, summarize)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# 2-way 2-shot 1-query episode: class 0 support (2,0),(4,2) query (1,1); class 1 support
+# (0,2),(0,4) query (1,3).  Prototypes (3,1) and (0,3).
+HAND_X = torch.tensor([[2.0, 0], [4, 2], [1, 1], [0, 2], [0, 4], [1, 3]], dtype=torch.float64)
+HAND_EP = torch.tensor([[[0, 1, 2], [3, 4, 5]]])
+
+
+def _clusters(classes=10, per=30, dim=32, sep=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=g) * sep
+    x = (means.repeat_interleave(per, 0) + torch.randn(classes * per, dim, generator=g)).relu()
+    return x, torch.arange(classes).repeat_interleave(per)
+
+
+def test_ncm_l2_hand_computed():
+    s = NearestClassMean(metric="l2").scores(HAND_X, HAND_EP, shot=2)
+    # q0=(1,1): |q-p0|^2 = 4, |q-p1|^2 = 1+4 = 5;  q1=(1,3): 4+4 = 8, 1+0 = 1
+    torch.testing.assert_close(s, torch.tensor([[[-4.0, -5.0], [-8.0, -1.0]]], dtype=torch.float64))
+
+
+def test_ncm_cosine_hand_computed():
+    s = NearestClassMean(metric="cosine").scores(HAND_X, HAND_EP, shot=2)
+    want = [[4 / math.sqrt(20), 1 / math.sqrt(2)], [0.6, 3 / math.sqrt(10)]]
+    torch.testing.assert_close(s, torch.tensor([want], dtype=torch.float64))
+
+
+def test_ncm_centering_on_support_mean_and_on_given_vector():
+    s = NearestClassMean(center=True).scores(HAND_X, HAND_EP, shot=2)
+    # support mean (1.5, 2): p0=(1.5,-1), p1=(-1.5,1), q0=(-.5,-1), q1=(-.5,1)
+    n = math.sqrt(1.25 * 3.25)
+    torch.testing.assert_close(s, torch.tensor([[[0.25 / n, -0.25 / n], [-1.75 / n, 1.75 / n]]],
+                                               dtype=torch.float64))
+    s = NearestClassMean(center_vector=[1.0, 1.0]).scores(HAND_X, HAND_EP, shot=2)
+    # p0=(2,0), p1=(-1,2), q0=(0,0) -> cos 0 (F.normalize of zero), q1=(0,2)
+    torch.testing.assert_close(s, torch.tensor([[[0.0, 0.0], [0.0, 2 / math.sqrt(5)]]], dtype=torch.float64))
+    with pytest.raises(DataError, match="center_vector has 3 values"):
+        NearestClassMean(center_vector=[1.0, 1.0, 1.0]).scores(HAND_X, HAND_EP, shot=2)
+    with pytest.raises(ConfigError):
+        NearestClassMean(center=False, center_vector=[1.0, 1.0])
+
+
+def test_summarize_ci95_hand_check():
+    mean, std, ci = summarize([100.0, 50.0, 75.0, 75.0])
+    assert mean == 75.0
+    assert std == pytest.approx(math.sqrt((25 ** 2 + 25 ** 2) / 4))          # ddof = 0
+    assert ci == pytest.approx(1.96 * 17.677669529663688 / 2)
+
+
+def test_evaluate_result_keys_percent_and_ci():
+    x, y = _clusters(sep=0.3)
+    r = evaluate(x.numpy(), (y * 7 + 3).numpy(), way=5, shot=1, query=4, episodes=60,
+                 method="ncm", seed=2)
+    assert {"mean", "ci95", "accuracies", "way", "shot", "query", "episodes", "method",
+            "seconds"} <= set(r)
+    acc = np.asarray(r["accuracies"])
+    assert acc.shape == (60,) and acc.min() >= 0 and acc.max() <= 100
+    assert np.allclose(acc * 20 / 100, np.round(acc * 20 / 100))             # k / 20 queries
+    assert r["mean"] == pytest.approx(acc.mean())
+    assert r["ci95"] == pytest.approx(1.96 * acc.std() / math.sqrt(60))
+    assert 20 < r["mean"] < 100 and r["method"] == "ncm"
+
+
+@pytest.mark.parametrize("method,kw", [("finetune", {}), ("finetune", {"head": "linear"}),
+                                       ("ncm", {}), ("protonet", {"metric": "l2"}), ("logreg", {})])
+def test_near_perfect_accuracy_on_well_separated_clusters(method, kw):
+    x, y = _clusters(sep=4.0, seed=1)
+    r = evaluate(x, y, way=5, shot=1, query=5, episodes=40, method=method, **kw)
+    assert r["mean"] > 99.0
+
+
+def test_logreg_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _clusters(sep=0.4, seed=2)
+    xn = torch.nn.functional.normalize(x.double(), dim=-1).numpy()
+    for shot in (1, 5):
+        eps = sample_episodes(y, 5, shot, 10, 6, seed=shot)
+        ours = LogisticRegression(C=0.5).scores(x, eps, shot).numpy()
+        agree, worst = [], 0.0
+        for e in range(6):
+            sup, qry = eps[e, :, :shot].flatten().numpy(), eps[e, :, shot:].flatten().numpy()
+            clf = sklearn.LogisticRegression(C=0.5, max_iter=5000, tol=1e-10)
+            dec = clf.fit(xn[sup], np.repeat(np.arange(5), shot)).decision_function(xn[qry])
+            agree.append(np.mean(dec.argmax(1) == ours[e].argmax(1)))
+            centred = lambda a: a - a.mean(1, keepdims=True)  # noqa: E731  (intercepts: any shift)
+            worst = max(worst, float(np.abs(centred(dec) - centred(ours[e])).max()))
+        assert np.mean(agree) >= 0.98
+        assert worst < 1e-4
+
+
+def test_logreg_options():
+    assert LogisticRegression(l2=4.0).C == 0.25
+    with pytest.raises(ConfigError):
+        LogisticRegression(C=1.0, l2=1.0)
+    with pytest.raises(ConfigError):
+        LogisticRegression(C=0.0)
+
+
+@pytest.mark.parametrize("name,kw", [("ncm", {"center": True}), ("logreg", {}),
+                                     ("finetune", {"steps": 15})])
+def test_chunking_gives_identical_scores(name, kw):
+    x, y = _clusters(seed=3)
+    eps = sample_episodes(y, 5, 2, 3, 37, seed=1)
+    a = EVALUATORS.create(name, chunk_size=1000, **kw).scores(x.double(), eps, 2, seed=4)
+    b = EVALUATORS.create(name, chunk_size=5, **kw).scores(x.double(), eps, 2, seed=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_evaluate_errors_are_clear():
+    x, y = _clusters()
+    with pytest.raises(DataError, match="300 feature rows but 299 labels"):
+        evaluate(x, y[:-1], episodes=2)
+    with pytest.raises(ConfigError, match="did you mean 'ncm'"):
+        evaluate(x, y, method="ncn", episodes=2)
+    with pytest.raises(ConfigError, match="'steps_'"):
+        evaluate(x, y, method="finetune", steps_=3, episodes=2)
+    bad = x.clone()
+    bad[7, 1] = float("nan")
+    with pytest.raises(DataError, match="sample 7"):
+        evaluate(bad, y, episodes=2)
+    with pytest.raises(ConfigError):
+        evaluate(x, y, query=0, episodes=2)
+
+
+def test_evaluate_many_and_table():
+    x, y = _clusters(sep=0.6)
+    res = evaluate_many(x, y, shots=(1, 2), methods=["ncm", ("ncm", {"metric": "l2"})],
+                        query=3, episodes=20, device="cpu")
+    assert [(r["label"], r["shot"]) for r in res] == [
+        ("ncm", 1), ("ncm", 2), ("ncm(metric=l2)", 1), ("ncm(metric=l2)", 2)]
+    table = format_table(res).splitlines()
+    assert table[0] == "| method | 5-way 1-shot | 5-way 2-shot |"
+    assert table[2].startswith("| ncm | ") and " ± " in table[2] and len(table) == 4
+    assert list_methods() == ["finetune", "logreg", "ncm"]
