@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowshot.train import train
 
     out = Path(args.out)
-    quiet = lambda _msg: None  # noqa: E731
+    quiet = lambda _msg: None
     report: dict = {"overrides": args.overrides, "runs": {}}
     tables, t_all = [], time.perf_counter()
     for head in args.heads:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -73,14 +74,18 @@ def main() -> None:
         fast = Finetune(head=args.head)
         torch.set_num_threads(batched_threads)
         fast.scores(x, eps[:64], shot, args.seed)                        # warm-up
-        bw, bc, scores = timed(lambda: fast.scores(x, eps, shot, args.seed), args.repeats)
+        bw, bc, scores = timed(partial(fast.scores, x, eps, shot, args.seed), args.repeats)
         torch.set_num_threads(1)                                         # the loop's fastest setting
         k = args.loop_episodes
-        lw, lc, ref = timed(lambda: Finetune(head=args.head, batched=False).scores(x, eps[:k], shot, args.seed))
+        slow = Finetune(head=args.head, batched=False)
+        lw, _, ref = timed(partial(slow.scores, x, eps[:k], shot, args.seed))
         torch.set_num_threads(default_threads)
         sub = scores[:k]
         same = int((sub.argmax(-1) == ref.argmax(-1)).sum())
-        acc = lambda s: float((s.argmax(-1) == truth).double().mean() * 100)  # noqa: E731
+
+        def acc(s: torch.Tensor, truth: torch.Tensor = truth) -> float:
+            return float((s.argmax(-1) == truth).double().mean() * 100)
+
         loop_all = lw * args.episodes / k
         rows.append((shot, fast.config.num_steps(5 * shot, shot), bw, bc, loop_all, lw, loop_all / bw,
                      acc(sub), acc(ref), same, ref.numel() // 5, float((sub - ref).abs().max()), acc(scores)))

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from lowshot.errors import ConfigError, DataError
-from lowshot.fewshot import (EVALUATORS, LogisticRegression, NearestClassMean, evaluate,
-                             evaluate_many, format_table, list_methods, sample_episodes, summarize)
+from lowshot.fewshot import (
+    EVALUATORS,
+    LogisticRegression,
+    NearestClassMean,
+    evaluate,
+    evaluate_many,
+    format_table,
+    list_methods,
+    sample_episodes,
+    summarize,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,7 +111,7 @@ def test_logreg_matches_scikit_learn():
             clf = sklearn.LogisticRegression(C=0.5, max_iter=5000, tol=1e-10)
             dec = clf.fit(xn[sup], np.repeat(np.arange(5), shot)).decision_function(xn[qry])
             agree.append(np.mean(dec.argmax(1) == ours[e].argmax(1)))
-            centred = lambda a: a - a.mean(1, keepdims=True)  # noqa: E731  (intercepts: any shift)
+            centred = lambda a: a - a.mean(1, keepdims=True)
             worst = max(worst, float(np.abs(centred(dec) - centred(ours[e])).max()))
         assert np.mean(agree) >= 0.98
         assert worst < 1e-4

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import ROOT, needs_fmnist
 
 from lowshot.checkpoint import load_checkpoint, save_checkpoint
 from lowshot.config import load_config
@@ -14,19 +15,21 @@ from lowshot.embed import load_for_inference
 from lowshot.errors import ConfigError
 from lowshot.heads import create_head
 from lowshot.loader import BatchLoader
-from lowshot.longtail import ncm_classifier, tau_normalize
-from lowshot.longtail import stage2
+from lowshot.longtail import ncm_classifier, stage2, tau_normalize
 from lowshot.longtail.methods import linear_parts
-from lowshot.longtail.stage2 import Stage2Context, decouple, evaluate_checkpoint, shot_thresholds
+from lowshot.longtail.stage2 import (
+    Stage2Context,
+    decouple,
+    evaluate_checkpoint,
+    shot_thresholds,
+)
 from lowshot.models import model_from_checkpoint
 from lowshot.train import train
-
-from conftest import ROOT, needs_fmnist
 
 # 120 images per class, 20 of them carved as val, IF=10 on the remaining 100: 100, 77, ..., 10
 OPTIONS = "data.options={max_per_class: 120, val_per_class: 20, imbalance_factor: 10}"
 FAST = {"crt": {"epochs": 3, "batch_size": 64}, "lws": {"epochs": 3, "batch_size": 64}, "tau_norm": {}, "ncm": {}}
-quiet = lambda _msg: None  # noqa: E731
+quiet = lambda _msg: None
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +106,7 @@ def test_tau_norm_picks_tau_on_val_and_saves_the_curve(run):
     vf, vy = ctx.features("val")
     assert vy.numel() == 200
     acc1 = 100.0 * float(((vf @ tau_normalize(w, 1.0).t()).argmax(1) == vy).double().mean())
-    assert dict((round(t, 6), a) for t, a in curve)[1.0] == pytest.approx(acc1)
+    assert {round(t, 6): a for t, a in curve}[1.0] == pytest.approx(acc1)
     out2, fixed = decouple(run, "tau", tau=0.5, grid=[0, 0.5, 1], log=quiet)
     assert fixed["info"]["tau"] == 0.5 and fixed["info"]["tau_source"] == "fixed"
     assert [t for t, _ in fixed["info"]["tau_curve"]] == [0.0, 0.5, 1.0]

@@ -13,7 +13,7 @@ from lowshot.cli import main
 from lowshot.config import load_config, to_dict
 from lowshot.errors import DataError
 from lowshot.report import build_report
-from lowshot.report.collect import accuracy_records, longtail_summary, tau_curve
+from lowshot.report.collect import accuracy_records, longtail_summary, tau_curve, tau_curves
 
 from conftest import ROOT, needs_fmnist
 
@@ -61,6 +61,14 @@ def make_tree(root: Path) -> Path:
         "tau_curve": [[0.0, 50.0], [0.5, 58.0], [1.0, 57.0]]}))
     (run / "decouple_crt.json").write_text(json.dumps({"test": {"all": 61.0, "many": 66.0, "medium": 60.0,
                                                                 "few": 44.0, "class_mean": 59.0}}))
+    rows = [{"class": 0, "name": "a", "train_count": 900, "accuracy": 90.0},
+            {"class": 1, "name": "b", "train_count": 9, "accuracy": None}]
+    (run / "decouple_lws.json").write_text(json.dumps({  # the layout `lowshot decouple` writes
+        "method": "lws", "train_counts": [900, 9], "thresholds": {"many": 100, "few": 20},
+        "info": {"tau": 9.9, "scales": [1.0, 2.0]},
+        "metrics": {"all": 63.0, "class_mean": 62.0, "many": 80.0, "medium": None, "few": 44.5, "per_class": rows},
+        "joint": {"all": 50.0, "class_mean": 45.0, "many": 85.0, "medium": None, "few": 5.0, "per_class": rows},
+        "joint_head": "linear"}))
     (run / "analysis" / "projection_novel.png").write_bytes(_png())
     (run / "analysis" / "analysis.json").write_text(json.dumps({
         "head": "cosine", "projections": {"novel": "projection_novel.png"},
@@ -102,6 +110,14 @@ def test_longtail_and_tau_readers_are_tolerant():
     s = longtail_summary({"method": "crt", "val": {"x": 1}, "test": {"all": 61.0, "few": 40}})
     assert s == {"overall": 61.0, "few": 40.0, "method": "crt"}
     assert longtail_summary({"nothing": [1, 2]}) is None
+    # thresholds {"many": 100, "few": 20} are not accuracies; per-class rows give accuracies and counts
+    real = {"thresholds": {"many": 100, "few": 20}, "info": {"tau": 0.5},
+            "metrics": {"all": 60.0, "few": None, "per_class": [{"accuracy": 70.0, "train_count": 300}]},
+            "joint": {"all": 55.0}}
+    assert longtail_summary(real) == {"overall": 60.0, "per_class": [70.0], "train_counts": [300], "tau": 0.5}
+    assert longtail_summary(real, "joint") == {"overall": 55.0}
+    assert longtail_summary({"all": 1.0}, "joint") is None
+    assert tau_curves({"info": {"tau_curve": [], "test_curve": [[0.5, 40.0]]}}) == [("test", [(0.5, 40.0)])]
     assert tau_curve({"tau_curve": [[1.0, 50], [0.0, 40]]}) == [(0.0, 40.0), (1.0, 50.0)]
     assert tau_curve({"x": {"curve": [{"tau": 0.5, "accuracy": 55}]}}) == [(0.5, 55.0)]
     assert tau_curve({"curve": {"0.5": 50, "1": 52}}) == [(0.5, 50.0), (1.0, 52.0)]
@@ -135,6 +151,10 @@ def test_report_is_self_contained_escaped_and_complete(tmp_path):
     assert re.search(r"<td>tau_norm</td><td>60.00</td><td>58.00</td><td>71.50</td><td>55.00</td><td>30.00</td>"
                      r"<td>0.7</td>", html)
     assert re.search(r"<td>crt</td><td>61.00</td><td>59.00</td><td>66.00</td>", html)  # 'all' read as overall
+    assert re.search(r"<td>joint \(linear\)</td><td>50.00</td><td>45.00</td><td>85.00</td><td>-</td><td>5.00</td>"
+                     r"<td>-</td>", html)  # stage-1 row once; never the thresholds dict; tau not inherited
+    assert re.search(r"<td>lws</td><td>63.00</td><td>62.00</td><td>80.00</td><td>-</td><td>44.50</td>", html)
+    assert html.count("<td>joint (linear)</td>") == 1
     assert "1.75 (l2)" in html and "head.margin=-0.1" in html
     assert "skipped" in html and "eval_bad.json" in html  # the malformed file is reported, not fatal
     for title in ("Training curves", "Few-shot accuracy", "Margin sweeps", "Feature discriminability (phi)",
@@ -199,20 +219,32 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 @needs_fmnist
-def test_report_from_a_real_training_run(tmp_path):
+def test_report_from_real_training_analysis_and_decouple_outputs(tmp_path):
+    """The readers match what lowshot train / analyze / decouple actually write."""
     from lowshot.analysis import analyze_checkpoint
+    from lowshot.longtail import decouple_checkpoint
     from lowshot.train import train
     cfg = load_config(CFG, ["data.options={max_per_class: 20}", "train.epochs=2", "train.batch_size=32",
-                            "train.max_steps_per_epoch=2", "val.every=0",
-                            "train.progress=false"])
+                            "train.max_steps_per_epoch=2", "val.every=0", "train.progress=false",
+                            "head.name=linear", "head.margin=0", "head.scale=null"])
     run = tmp_path / "runs" / "tiny"
     train(cfg, run, log=lambda _m: None)
     analyze_checkpoint(run / "best.pt", ["base"], out_dir=run / "analysis", projection="pca", classes=3,
                        per_class=10, device="cpu", log=lambda _m: None)
+    _, dec = decouple_checkpoint(run / "best.pt", "ncm", test_split="base_test", log=lambda _m: None)
+    from lowshot.fewshot.cli import run_eval
+    ev = run_eval(run / "best.pt", shots=[1], episodes=10, method="ncm", device="cpu", log=lambda _m: None)
     html = build_report([tmp_path / "runs"], tmp_path / "r").read_text()
     assert "runs/tiny" in html and "2/2" in html  # epochs done / planned
     assert "fig01_curves" in (tmp_path / "r" / "report.md").read_text()
     assert re.search(r"<td>base</td><td>base_test</td><td>5</td><td>100</td>", html)
-    assert len(_imgs(html)) == 2  # training curves + the projection
+    m, j = dec["metrics"], dec["joint"]
+    assert f"<td>ncm</td><td>{m['all']:.2f}</td><td>{m['class_mean']:.2f}</td>" in html
+    assert f"<td>joint (linear)</td><td>{j['all']:.2f}</td><td>{j['class_mean']:.2f}</td>" in html
+    r1 = ev["results"][0]
+    assert re.search(rf"<td>eval_best_novel_ncm.json</td><td>ncm</td><td>5</td><td>1</td><td>10</td>"
+                     rf"<td>{r1['mean']:.2f} ± {r1['ci95']:.2f}</td>", html)
+    # curves, few-shot bars, projection, long-tail groups, per-class vs count
+    assert len(_imgs(html)) == 5
     shutil.rmtree(run)  # the report is self-contained: it does not need the run any more
-    assert len(_imgs((tmp_path / "r" / "report.html").read_text())) == 2
+    assert len(_imgs((tmp_path / "r" / "report.html").read_text())) == 5

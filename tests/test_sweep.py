@@ -82,6 +82,12 @@ def test_bad_grid_fails_before_any_training(tmp_path, monkeypatch):
         run_sweep(CFG, {"head.margin": [0.0], "train.epochs": [1, -1]}, tmp_path, log=quiet)
     with pytest.raises(ConfigError, match="duplicates"):
         run_sweep(CFG, {"head.margin": [0, 0.0]}, tmp_path, log=quiet)
+    # a folder in the way that is not a lowshot run is never emptied
+    (tmp_path / "head.margin=0.5").mkdir()
+    (tmp_path / "head.margin=0.5" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"no last.pt to resume but holds other files \(notes.txt\)"):
+        run_sweep(CFG, {"head.margin": [0.5]}, tmp_path, log=quiet)
+    assert (tmp_path / "head.margin=0.5" / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -154,6 +160,21 @@ def test_margin_sweep_is_resumable_and_tabulated(tmp_path, counted_train, monkey
     # a different training config for an existing point is refused, naming the key
     with pytest.raises(ConfigError, match=r"train.batch_size: stored 32, requested 16"):
         run_sweep(CFG, {"head.margin": [-0.1]}, out, **{**kw, "overrides": FIXED + ["train.batch_size=16"]})
+
+
+@needs_fmnist
+def test_diverged_point_is_reported_and_the_sweep_goes_on(tmp_path, counted_train):
+    out = tmp_path / "d"
+    fixed = FIXED + ["head.name=linear", "head.margin=0", "head.scale=null"]
+    res = run_sweep(CFG, {"optim.lr": [1e30, 1e31]}, out, shots=[1], episodes=10, method="ncm", overrides=fixed,
+                    log=quiet)
+    assert len(counted_train) == 2  # the first divergence did not stop the sweep
+    assert all("loss is" in r["error"] for r in res) and not (out / "optim.lr=1e+30" / "result.json").exists()
+    md = (out / "sweep.md").read_text()
+    assert "| optim.lr=1e+30 (diverged) | - | - | - |" in md and "| optim.lr=1e+31 (diverged) |" in md
+    counted_train.clear()
+    run_sweep(CFG, {"optim.lr": [1e30]}, out, shots=[1], episodes=10, method="ncm", overrides=fixed, log=quiet)
+    assert len(counted_train) == 1  # not finished: retried
 
 
 @needs_fmnist

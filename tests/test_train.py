@@ -89,3 +89,48 @@ def test_run_dir_not_overwritten_without_flag(tmp_path):
         train(Config(), tmp_path / "run", log=quiet)
     with pytest.raises(ConfigError, match="cannot resume"):
         train(Config(), tmp_path / "nothing", resume=True, log=quiet)
+
+
+@needs_fmnist
+def test_deferred_nan_check_reports_the_same_first_bad_step(tmp_path, tiny_fmnist_overrides):
+    """Checking every 5 steps (one GPU sync per check) still names the first diverged step."""
+    base = tiny_fmnist_overrides + ["optim.lr=1e30", "head.name=linear", "head.margin=0", "head.scale=null",
+                                    "val.every=0"]
+    messages = []
+    for every in (1, 5):
+        with pytest.raises(TrainingDiverged) as err:
+            train(_cfg(base + [f"train.nan_check_every={every}"]), tmp_path / f"every{every}", log=quiet)
+        messages.append(str(err.value).split(";")[0])
+    assert messages[0] == messages[1] and "epoch 1, step" in messages[0]
+    assert not (tmp_path / "every5" / "last.pt").exists()  # nothing diverged was ever saved
+    with pytest.raises(ConfigError, match="nan_check_every"):
+        train(_cfg(tiny_fmnist_overrides + ["train.nan_check_every=0"]), tmp_path / "zero", log=quiet)
+
+
+def test_progressive_sampler_spans_the_whole_run():
+    from lowshot.train import build_train_sampler
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    cfg = Config()
+    cfg.train.sampler, cfg.train.epochs = "progressive", 7
+    assert build_train_sampler(cfg, labels).total_epochs == 7
+    cfg.train.sampler_kwargs = {"total_epochs": 3}
+    assert build_train_sampler(cfg, labels).total_epochs == 3
+    cfg.train.sampler_kwargs = {"seed": 1}
+    with pytest.raises(ConfigError, match="train.sampler_kwargs"):
+        build_train_sampler(cfg, labels)
+    cfg.train.sampler, cfg.train.sampler_kwargs = "instance", {}
+    s = build_train_sampler(cfg, labels, num_replicas=2, rank=1)
+    assert (s.num_replicas, s.rank, len(s)) == (2, 1, 50)
+
+
+@needs_fmnist
+def test_amp_on_cpu_fp16_is_ignored_and_bf16_runs(tmp_path, tiny_fmnist_overrides):
+    base = tiny_fmnist_overrides + ["train.epochs=1", "train.max_steps_per_epoch=2", "val.every=0",
+                                    "data.test_split=null"]
+    logs: list[str] = []
+    off = train(_cfg(base), tmp_path / "off", log=quiet)
+    fp16 = train(_cfg(base + ["train.amp=fp16"]), tmp_path / "fp16", log=logs.append)
+    assert any("train.amp=fp16 is ignored on cpu" in m for m in logs)
+    assert fp16["train_loss"] == off["train_loss"]  # plain fp32, not silently half precision
+    bf16 = train(_cfg(base + ["train.amp=bf16"]), tmp_path / "bf16", log=quiet)
+    assert bf16["train_loss"] != off["train_loss"] and abs(bf16["train_loss"] - off["train_loss"]) < 0.1

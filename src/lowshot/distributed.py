@@ -249,6 +249,22 @@ def evaluate_fewshot(features: torch.Tensor, labels: torch.Tensor, **kw: Any) ->
 
 # ----------------------------------------------------------------------------- BatchNorm
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(sum_r L_r)/dx on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the global batch (every rank), on any backend.
 
@@ -265,15 +281,14 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64, device=x.device))
         n = float(count)
-        mean = differentiable_all_reduce(x.sum(dims)) / n
+        mean = _SumOverRanks.apply(x.sum(dims)) / n
         centred = x - mean.view(shape)
-        var = differentiable_all_reduce((centred * centred).sum(dims)) / n
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 assert self.num_batches_tracked is not None

@@ -42,7 +42,9 @@ def embed_images(checkpoint: str | Path, paths: Sequence[str | Path], *, batch_s
     feats = []
     for i in progress(range(0, len(files), batch_size), total=-(-len(files) // batch_size), desc="embed",
                       enabled=show_progress):
-        batch = torch.stack([load_image(f, meta["image_size"], meta["channels"]) for f in files[i:i + batch_size]])
+        invert = bool(meta.get("preprocess", {}).get("invert", False))
+        batch = torch.stack([load_image(f, meta["image_size"], meta["channels"], invert=invert)
+                             for f in files[i:i + batch_size]])
         feats.append(model.backbone(transform(batch.to(dev))).float().cpu())
     return {"features": torch.cat(feats).numpy().astype(np.float32), "paths": np.array([str(f) for f in files])}
 

@@ -103,7 +103,8 @@ def make_transforms(cfg: Config, ds: ImageDataset) -> tuple[Callable, Callable, 
     crop = tuple(a.crop_scale) if a.crop_scale is not None else None
     train_tf = build_transform(True, size, ds.channels, mean, std, crop_scale=crop, flip=a.flip, jitter=a.jitter)
     test_tf = build_transform(False, size, ds.channels, mean, std)
-    meta = {"channels": ds.channels, "image_size": size, "mean": mean, "std": std}
+    meta = {"channels": ds.channels, "image_size": size, "mean": mean, "std": std,
+            "preprocess": dict(ds.preprocess)}
     return train_tf, test_tf, meta
 
 
@@ -294,7 +295,8 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_set)} training images")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-    use_amp = amp_dtype is not None and (device.type == "cuda" or (device.type == "cpu" and amp_dtype is torch.bfloat16))
+    use_amp = amp_dtype is not None and (device.type == "cuda"
+                                         or (device.type == "cpu" and amp_dtype is torch.bfloat16))
     if amp_dtype is not None and not use_amp:
         say(f"note: train.amp={t.amp} is ignored on {device.type} (fp16 autocast needs CUDA; bf16 runs on cuda/cpu)")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype is torch.float16 and device.type == "cuda")

@@ -206,7 +206,9 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
     """Train + evaluate every grid point sequentially; returns one result dict per point (grid order).
 
     ``config``: a YAML path or a Config; ``overrides``: fixed ``key=value`` for every point;
-    ``shots`` / ``episodes`` / ``method`` default to the config's ``eval`` section.
+    ``shots`` / ``episodes`` / ``method`` default to the config's ``eval`` section. A point whose
+    loss diverges is reported (``"error"`` key, "(diverged)" in the table) and the sweep goes on;
+    it has no result.json, so the next run retries it.
     """
     from ..checkpoint import load_checkpoint, write_text_atomic
     from ..config import apply_overrides
@@ -232,6 +234,7 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
         wanted = to_dict(cfg)
         res_path = rdir / "result.json"
         stored = _read_json(res_path)
+        error: str | None = None
         if stored is not None:
             _check_same(stored.get("config", {}), wanted, rdir)
             if stored.get("protocol") == protocol:
@@ -244,12 +247,19 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
             _check_same(ck.get("config", {}), wanted, rdir)
             if ck.get("epoch", 0) < ck["config"]["train"]["epochs"] or ck.get("epoch_step", 0):
                 log(f"[{i}/{len(plan)}] {name}: resuming from {rdir / 'last.pt'} (epoch {ck.get('epoch')})")
-                train(cfg, rdir, resume=True, log=log)
+                error = _train_point(train, cfg, rdir, log, resume=True)
             else:
                 log(f"[{i}/{len(plan)}] {name}: trained earlier, evaluating")
         else:
+            _check_restartable(rdir)
             log(f"[{i}/{len(plan)}] {name}: training into {rdir}")
-            train(cfg, rdir, overwrite=True, log=log)
+            error = _train_point(train, cfg, rdir, log, overwrite=True)
+        if error is not None:  # a diverged point is a result of the sweep, not a reason to stop it
+            log(f"[{i}/{len(plan)}] {name}: DIVERGED ({error}); not evaluated, retried on the next run")
+            results.append({"name": name, "point": dict(point), "run_dir": name, "error": error,
+                            "fewshot": {}, "phi": {}})
+            _write_summary(out, grid, results, log=None, figure=False)
+            continue
         result = {"name": name, "point": dict(point), "run_dir": name,
                   **evaluate_point(rdir, cfg, protocol, log), "protocol": protocol, "config": wanted}
         write_text_atomic(res_path, json.dumps(result, indent=2))
@@ -258,6 +268,30 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
         _write_summary(out, grid, results, log=None, figure=False)  # partial table if interrupted later
     _write_summary(out, grid, results, log=log)
     return results
+
+
+def _train_point(train: Callable[..., Any], cfg: Config, rdir: Path, log: Callable[[str], None],
+                 **kw: Any) -> str | None:
+    """Train one point; the divergence message when the loss became NaN/Inf (else None)."""
+    from ..train import TrainingDiverged
+    try:
+        train(cfg, rdir, log=log, **kw)
+    except TrainingDiverged as e:
+        return str(e)
+    return None
+
+
+RESTARTABLE = {"config.yaml", "metrics.jsonl", "metrics.csv"}
+
+
+def _check_restartable(rdir: Path) -> None:
+    """A point folder without a checkpoint is restarted from scratch (its folder is emptied): only when
+    it holds nothing but what a run writes before its first checkpoint."""
+    if rdir.is_dir():
+        other = sorted(p.name for p in rdir.iterdir() if p.name not in RESTARTABLE and not p.name.startswith("."))
+        if other:
+            raise ConfigError(f"{rdir} has no last.pt to resume but holds other files ({', '.join(other[:3])}); "
+                              f"move them away or use another --out directory")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -305,7 +339,8 @@ def sweep_table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
     rows = []
     for r in results:
         fs = r.get("fewshot", {})
-        rows.append([r.get("name", "?"), str(r.get("epoch", "-")), _pct(r.get("base_acc"))]
+        name = r.get("name", "?") + (" (diverged)" if r.get("error") else "")
+        rows.append([name, str(r.get("epoch", "-")), _pct(r.get("base_acc"))]
                     + [f"{fs[str(s)]['mean']:.2f} ± {fs[str(s)]['ci95']:.2f}" if str(s) in fs else "-" for s in shots]
                     + [_num(r["phi"][k]["phi"]) if k in r.get("phi", {}) else "-" for k in ("base", "novel")])
     return header, rows

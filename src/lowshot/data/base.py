@@ -28,6 +28,9 @@ class ImageDataset(Dataset):
     channels: int
     image_size: int | None
     class_meta: dict[str, list[Any]]
+    #: per-file preprocessing the reader applies after decoding (e.g. ``{"invert": True}`` for Omniglot);
+    #: stored in checkpoints so ``lowshot embed`` treats raw image files exactly like the training data
+    preprocess: dict[str, Any] = {}
     location: str | None = None
 
     def __len__(self) -> int:
@@ -75,6 +78,7 @@ class _View(ImageDataset):
             raise DataError(f"subset index out of range for a dataset of {len(parent)} samples")
         self.parent, self.indices = parent, indices
         self.channels, self.image_size = parent.channels, parent.image_size
+        self.preprocess = dict(parent.preprocess)
         self.location = parent.location
         if remap is None:
             self.labels = parent.labels[indices]

@@ -62,13 +62,18 @@ def decode_image(source: bytes | BinaryIO, name: str, image_size: int | None = N
         raise DataError(f"cannot decode image {name}: {exc}") from exc
 
 
-def load_image(path: str | os.PathLike, image_size: int | None = None, channels: int = 3) -> torch.Tensor:
-    """Read one image file as uint8 [channels, image_size, image_size] (native size if None)."""
+def load_image(path: str | os.PathLike, image_size: int | None = None, channels: int = 3,
+               invert: bool = False) -> torch.Tensor:
+    """Read one image file as uint8 [channels, image_size, image_size] (native size if None).
+
+    ``invert`` maps v -> 255 - v, the per-file step of readers such as Omniglot (see ``preprocess``).
+    """
     _check(image_size, channels)
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
-            return decode_image(fh, path, image_size, channels)
+            img = decode_image(fh, path, image_size, channels)
+            return 255 - img if invert else img
     except FileNotFoundError as exc:
         raise DataError(f"image file {path} not found") from exc
     except IsADirectoryError as exc:

@@ -17,7 +17,9 @@ Without CSVs, the ``mini-imagenet-cache-{train,val,test}.pkl`` pickles (``image_
 [N,84,84,3] + ``class_dict`` {wnid: indices}) are read instead, through the restricted unpickler.
 
 Splits: ``base`` (train.csv), ``val`` (val.csv), ``novel`` (test.csv), ``base_train``/``base_test``
-(seeded 10% per-class hold-out of base images, kw ``holdout``, ``holdout_seed``). Class names are
+(seeded 10% per-class hold-out of base images, kw ``holdout``, ``holdout_seed``), and ``all`` (the
+three files together, 100 classes: the cross-domain mini-ImageNet -> CUB protocol of Chen et al.
+2019 and Liu et al. 2020 trains on every mini-ImageNet class). Class names are
 WordNet ids, labels follow their sorted order. Images are RGB, ``image_size`` default 84.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .cifar import FEW_SHOT_SPLITS, check_split, dataset_root, resize_uint8, saf
 from .registry import register_dataset
 
 SPLIT_FILES = {"base": "train", "val": "val", "novel": "test"}
+SPLITS = (*FEW_SHOT_SPLITS, "all")
 SPLITS_URL = "https://github.com/twitter-research/meta-learning-lstm/tree/master/data/miniImagenet"
 _RAVI_NAME = re.compile(r"(n\d{8})(\d{8})\.[A-Za-z]+")
 _IMAGENET_NAME = re.compile(r"n\d{8}_(\d+)\.[A-Za-z]+")
@@ -118,10 +121,11 @@ def _missing_message(root: Path, what: str) -> str:
             f"{root}. ImageNet's licence allows no public download, so download=True is not available.")
 
 
-def _from_csv(root: Path, csv_path: Path, image_size: int, imagenet_root: Path | None) -> ImageDataset:
+def _from_csv(root: Path, csv_paths: list[Path], image_size: int, imagenet_root: Path | None) -> ImageDataset:
     from .io import load_image  # lazy: decoding helpers live with the other data I/O
 
-    rows = read_split_csv(csv_path)
+    rows = [row for path in csv_paths for row in read_split_csv(path)]
+    csv_path = csv_paths[0] if len(csv_paths) == 1 else root / "{train,val,test}.csv"
     resolver = _Resolver(root / "images", imagenet_root)
     wnids = sorted({label for _, label in rows})
     index = {w: i for i, w in enumerate(wnids)}
@@ -162,26 +166,38 @@ def _from_cache(path: Path, image_size: int) -> ImageDataset:
     return TensorImageDataset(resize_uint8(images, image_size), torch.from_numpy(labels[keep]), wnids)
 
 
+def _concat_tensor_sets(parts: list[TensorImageDataset]) -> TensorImageDataset:
+    """One in-memory dataset from several; classes are re-indexed by sorted name."""
+    names = sorted({n for ds in parts for n in ds.class_names})
+    index = {n: i for i, n in enumerate(names)}
+    labels = torch.cat([torch.tensor([index[n] for n in ds.class_names], dtype=torch.long)[ds.labels]
+                        for ds in parts])
+    return TensorImageDataset(torch.cat([ds.images for ds in parts]), labels, names)
+
+
 @register_dataset("mini_imagenet", "miniimagenet", "mini-imagenet")
 def mini_imagenet(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
                   **kw: Any) -> ImageDataset:
     """mini-ImageNet (Ravi & Larochelle split). kw: ``imagenet_root``, ``holdout`` (0.1), ``holdout_seed`` (0)."""
-    check_split("mini_imagenet", split, FEW_SHOT_SPLITS)
+    check_split("mini_imagenet", split, SPLITS)
     imagenet_root = kw.pop("imagenet_root", None)
     holdout, seed = kw.pop("holdout", 0.1), kw.pop("holdout_seed", 0)
     if kw:
         raise ConfigError(f"unexpected option(s) for dataset 'mini_imagenet': {', '.join(sorted(kw))}")
     size = 84 if image_size is None else int(image_size)
     base = dataset_root("mini_imagenet", root)
-    part = SPLIT_FILES["base" if split.startswith("base") else split]
-    csv_path, cache = base / f"{part}.csv", base / f"mini-imagenet-cache-{part}.pkl"
-    if csv_path.is_file():
+    parts = list(SPLIT_FILES.values()) if split == "all" else \
+        [SPLIT_FILES["base" if split.startswith("base") else split]]
+    csvs, caches = [base / f"{p}.csv" for p in parts], [base / f"mini-imagenet-cache-{p}.pkl" for p in parts]
+    if all(c.is_file() for c in csvs):
         if not (base / "images").is_dir() and imagenet_root is None:
             raise DataError(_missing_message(base, f"image folder {base / 'images'}"))
-        ds = _from_csv(base, csv_path, size, Path(imagenet_root).expanduser() if imagenet_root else None)
-    elif cache.is_file():
-        ds = _from_cache(cache, size)
+        ds = _from_csv(base, csvs, size, Path(imagenet_root).expanduser() if imagenet_root else None)
+    elif all(c.is_file() for c in caches):
+        loaded = [_from_cache(c, size) for c in caches]
+        ds = loaded[0] if len(loaded) == 1 else _concat_tensor_sets(loaded)  # type: ignore[arg-type]
     else:
-        raise DataError(_missing_message(base, f"split file {csv_path}"))
+        missing = next(c for c in csvs if not c.is_file())
+        raise DataError(_missing_message(base, f"split file {missing}"))
     ds.location = str(base)
     return split_base(ds, split, holdout, seed)

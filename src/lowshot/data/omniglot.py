@@ -279,4 +279,5 @@ def omniglot(split: str, root: PathLike | Sequence[PathLike] | None = None, imag
     ds = TensorImageDataset(subset, mapping[labels[keep]], [names[i] for i in ids],
                             {"alphabet": [alphabets[i] for i in ids]})
     ds.location = ", ".join(str(s) for s in sources)
+    ds.preprocess = {"invert": bool(invert)}
     return ds

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 from .api import evaluate, evaluate_many, format_table, summarize
 from .episodes import episode_labels, sample_episodes
-from .evaluators import (EVALUATORS, FewShotMethod, Finetune, LogisticRegression,
-                         NearestClassMean, create_method, list_methods)
+from .evaluators import (
+    EVALUATORS,
+    FewShotMethod,
+    Finetune,
+    LogisticRegression,
+    NearestClassMean,
+    create_method,
+    list_methods,
+)
 from .finetune import FinetuneConfig
 
 __all__ = [
-    "evaluate", "evaluate_many", "format_table", "summarize",
-    "sample_episodes", "episode_labels",
-    "EVALUATORS", "FewShotMethod", "Finetune", "NearestClassMean", "LogisticRegression",
-    "create_method", "list_methods", "FinetuneConfig",
+    "EVALUATORS",
+    "FewShotMethod",
+    "Finetune",
+    "FinetuneConfig",
+    "LogisticRegression",
+    "NearestClassMean",
+    "create_method",
+    "episode_labels",
+    "evaluate",
+    "evaluate_many",
+    "format_table",
+    "list_methods",
+    "sample_episodes",
+    "summarize",
 ]

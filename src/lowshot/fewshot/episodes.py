@@ -8,7 +8,8 @@ on distinct keys is deterministic), so a seed gives the same tensor on any machi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -129,7 +129,7 @@ class NearestClassMean(FewShotMethod):
 
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
                      start: int) -> Tensor:
-        e, way, _ = episodes.shape
+        e = episodes.shape[0]
         dev, dim = features.device, features.shape[1]
         eps = episodes.to(dev)
         centre = self.center_vector

@@ -22,6 +22,7 @@ span, which only weight decay and the cosine normalisation can rescale); see ``b
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -62,17 +63,19 @@ class FinetuneConfig:
             raise ConfigError("finetune: give steps or epochs, not both")
         for name in ("steps", "epochs"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
                 raise ConfigError(f"finetune {name} must be an integer >= 0, got {v!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        bs = self.batch_size
+        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
             raise ConfigError(f"finetune batch_size must be an integer >= 1, got {self.batch_size!r}")
-        for name in ("lr", "momentum", "dampening", "weight_decay"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"finetune {name} must be >= 0, got {getattr(self, name)!r}")
         if self.scale is None:
             object.__setattr__(self, "scale", 5.0 if self.head == "cosine" else 1.0)
-        if not float(self.scale) > 0:
-            raise ConfigError(f"finetune scale must be > 0, got {self.scale!r}")
+        for name in ("lr", "momentum", "dampening", "weight_decay", "scale"):
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (name == "scale" and value == 0):
+                raise ConfigError(f"finetune {name} must be a finite number "
+                                  f"{'> 0' if name == 'scale' else '>= 0'}, got {value!r}")
 
     @property
     def has_bias(self) -> bool:
@@ -93,7 +96,7 @@ class FinetuneConfig:
 class Draws(NamedTuple):
     weight: Tensor   # [E, way, D] float32 initial head weights
     bias: Tensor     # [E, way] float32 initial bias (drawn even when unused)
-    perms: Tensor    # [E, passes, n] int16 support order of each pass
+    perms: Tensor    # [E, passes, n] int16/int32 support order of each pass
 
 
 def _mix(seed: int, block: int) -> int:
@@ -105,22 +108,20 @@ def _mix(seed: int, block: int) -> int:
 
 
 def _shuffles(u: Tensor, n: int) -> Tensor:
-    """Fisher-Yates permutations of ``range(n)``, one per row of uniforms ``u`` [R, n-1].
+    """Fisher-Yates permutations of ``range(n)``, one per column of uniforms ``u`` [n-1, R].
 
-    Swap ``i`` takes ``j = floor(u * (i + 1))``; float32 uniforms have 24 random bits, so each
-    ``j`` is uniform up to a relative 2^-24 * n (vs ``np.random.permutation``: exact).
+    Swap ``i`` takes ``j = floor(u[i-1] * (i + 1))``; float32 uniforms have 24 random bits, so
+    each ``j`` is uniform up to a relative 2^-24 * n (``np.random.permutation``: exact).
+    Returns ``[R, n]``.
     """
-    rows = u.shape[0]
-    perm = torch.arange(n, dtype=torch.int16).unsqueeze(1).repeat(1, rows)   # [n, R]
-    flat = perm.view(-1)
-    col = torch.arange(rows)
-    mult = torch.arange(2, n + 1, dtype=u.dtype)
-    picks = (u * mult).long().clamp_(max=torch.arange(1, n)).t().mul_(rows).add_(col)
+    rows = u.shape[1]
+    small = torch.int16 if n < (1 << 15) else torch.int32                     # compact storage
+    perm = torch.arange(n, dtype=small).unsqueeze(1).repeat(1, rows)          # [n, R]
     for i in range(n - 1, 0, -1):
-        where = picks[i - 1]
+        j = (u[i - 1] * (i + 1)).long().clamp_(max=i).unsqueeze(0)
         keep = perm[i].clone()
-        perm[i] = flat.take(where)
-        flat.index_put_((where,), keep)
+        perm[i] = perm.gather(0, j).squeeze(0)
+        perm.scatter_(0, j, keep.unsqueeze(0))
     return perm.t()
 
 
@@ -132,16 +133,16 @@ def episode_draws(seed: int, start: int, stop: int, way: int, dim: int, n_suppor
     count = (last - first + 1) * _RNG_BLOCK
     weight = torch.empty(count, way, dim)
     bias = torch.empty(count, way)
-    u = torch.empty(count, passes, max(n_support - 1, 0))
+    u = torch.empty(max(n_support - 1, 0), count * passes)                    # [n-1, E*passes]
+    cols = _RNG_BLOCK * passes
     for i, block in enumerate(range(first, last + 1)):
         gen = torch.Generator().manual_seed(_mix(seed, block))
         sl = slice(i * _RNG_BLOCK, (i + 1) * _RNG_BLOCK)
         weight[sl].uniform_(-bound, bound, generator=gen)
         bias[sl].uniform_(-bound, bound, generator=gen)
-        u[sl] = torch.rand(_RNG_BLOCK, passes, u.shape[-1], generator=gen)
+        u[:, i * cols:(i + 1) * cols] = torch.rand(u.shape[0], cols, generator=gen)
     lo, hi = start - first * _RNG_BLOCK, stop - first * _RNG_BLOCK
-    u = u[lo:hi]
-    perms = _shuffles(u.reshape(-1, u.shape[-1]), n_support).reshape(hi - lo, passes, n_support)
+    perms = _shuffles(u[:, lo * passes:hi * passes], n_support).reshape(hi - lo, passes, n_support)
     return Draws(weight[lo:hi], bias[lo:hi], perms)
 
 

@@ -28,7 +28,7 @@ def _objective(logits: Tensor, y1h: Tensor, a_sq: Tensor, l2: float) -> Tensor:
 def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bool = True,
                max_iter: int = 50, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     """Fit on support coordinates ``[E, n, r]`` with labels ``y`` [n]; returns ``(A, b)``."""
-    e, n, r = coords.shape
+    e, n, _ = coords.shape
     dt, dev = coords.dtype, coords.device
     ones = torch.ones(e, n, 1, dtype=dt, device=dev) if fit_intercept else coords.new_zeros(e, n, 0)
     z = torch.cat([coords, ones], -1)                                # [e, n, q]

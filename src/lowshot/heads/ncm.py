@@ -52,7 +52,7 @@ class NCMHead(Head):
         return ncm_logits(features, self.weight, self.center.to(features.dtype), self.metric)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, center: bool = True) -> "NCMHead":
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, center: bool = True) -> NCMHead:
         """Set ``center`` and the class means from training features; every class needs one."""
         f = torch.as_tensor(features).to(self.weight)
         y = torch.as_tensor(labels).reshape(-1).long().to(f.device)

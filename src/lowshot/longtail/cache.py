@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ def load_cached(path: Path, key: str, expected: torch.Tensor | None = None) -> t
         if not ok or (expected is not None and not torch.equal(labels, expected.reshape(-1).long())):
             return None
         return feats, labels
-    except Exception as err:  # a torn / foreign file is a cache miss, not a failure
+    except Exception as err:  # noqa: BLE001  (a torn / foreign file is a cache miss, not a failure
         warnings.warn(f"ignoring unreadable feature cache {path}: {err}", stacklevel=2)
         return None
 

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, LowshotError
 from ..registry import Registry
-from .decouple import DEFAULT_TAU_GRID, apply_lws, learn_lws, retrain_crt, retrain_crt_on_images, select_tau, \
-    tau_normalize
+from .decouple import (
+    DEFAULT_TAU_GRID,
+    apply_lws,
+    learn_lws,
+    retrain_crt,
+    retrain_crt_on_images,
+    select_tau,
+    tau_normalize,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stage2 import Stage2Context
@@ -130,7 +138,7 @@ def _linear_fit(weight: torch.Tensor, bias: torch.Tensor | None, info: dict[str,
     "freeze_bn": OptionSpec(True, "bool", "images=true: keep BatchNorm statistics (false: official code)"),
     "num_workers": OptionSpec(0, "int", "images=true: loader workers for file datasets"),
 })
-def crt(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
+def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Re-initialised linear classifier, class-balanced, backbone frozen.
 
     Default: on cached features, which is exactly a frozen backbone without augmentation and
@@ -168,7 +176,7 @@ def crt(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
     "criterion": OptionSpec("accuracy", "str", "val criterion: accuracy | class_mean"),
     "val_split": OptionSpec("val", "str?", "balanced split that chooses tau (null: none, needs tau=)"),
 })
-def tau_norm(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
+def tau_norm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """w_i / ||w_i||^tau, bias dropped; tau picked on the balanced val split unless fixed.
 
     The curve on the test split is recorded too (``test_curve``), never used for the choice: it
@@ -203,7 +211,7 @@ def tau_norm(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
 # ----------------------------------------------------------------------------- LWS
 
 @register_method("lws", "LWS", options=_sgd_options(5, 0.0, "class_balanced"))
-def lws(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
+def lws(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Per-class scales s on the joint classifier (W, b frozen), class-balanced; folded into W, b."""
     w, b = linear_parts(ctx.model.head, "lws")
     f, y = ctx.features(opts["train_split"])
@@ -219,7 +227,7 @@ def lws(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
     "metric": OptionSpec("l2", "str", "l2 | cosine"),
     "center": OptionSpec(True, "bool", "subtract the mean of class means before normalising"),
 })
-def ncm(ctx: "Stage2Context", opts: dict[str, Any]) -> Fit:
+def ncm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Class means of centred, L2-normalised training features, as an ``ncm`` head."""
     from ..heads.ncm import NCMHead
     f, y = ctx.features(opts["train_split"])

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,8 +35,8 @@ from ..models import Classifier, model_from_checkpoint
 from ..utils import resolve_device
 from . import cache
 from .make import class_counts
+from .methods import METHOD_OPTIONS, METHODS, Fit, OptionSpec
 from .metrics import GROUPS, shot_accuracy, shot_groups, thresholds_by_rank
-from .methods import METHODS, METHOD_OPTIONS, Fit, OptionSpec
 
 OFFICIAL_THRESHOLDS = (100, 20)
 THRESHOLD_RULES = ("auto", "official", "rank")
@@ -109,7 +110,7 @@ class Stage2Context:
     @classmethod
     def open(cls, checkpoint: str | Path, *, device: str = "auto", root: str | None = None,
              feature_batch_size: int = 256, cache: bool = True,
-             log: Callable[[str], None] = print) -> "Stage2Context":
+             log: Callable[[str], None] = print) -> Stage2Context:
         from ..data.transforms import build_transform
         path = resolve_checkpoint_path(checkpoint)
         ckpt = load_checkpoint(path)
@@ -346,8 +347,9 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 def format_results(results: dict[str, Any]) -> str:
     """Summary table (joint vs decoupled) and per-class accuracies, as printed by ``decouple``."""
     thr = results["thresholds"]
-    head = [f"decouple {results['method']} on {results['dataset']} {results['test_split']} "
-            f"(source {results['source']})", f"groups: {thr['description']}"]
+    title = (f"decouple {results['method']} on {results['dataset']} {results['test_split']} "
+             f"(source {results['source']})")
+    head = [title, f"groups: {thr['description']}"]
     info = results.get("info") or {}
     if "tau" in info:
         head.append(f"tau = {info['tau']} ({info.get('tau_source')})")
@@ -362,5 +364,15 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(head + [table, ""] + per + [f"wrote {results['checkpoint']} (+ .json)"])
 
 
-__all__ = ["decouple", "evaluate_checkpoint", "valid_options", "resolve_options", "shot_thresholds",
-           "evaluate_logits", "format_results", "format_table", "Stage2Context", "COMMON_OPTIONS"]
+__all__ = [
+    "COMMON_OPTIONS",
+    "Stage2Context",
+    "decouple",
+    "evaluate_checkpoint",
+    "evaluate_logits",
+    "format_results",
+    "format_table",
+    "resolve_options",
+    "shot_thresholds",
+    "valid_options",
+]

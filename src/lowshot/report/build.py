@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import figures
-from .collect import Collected, Run, accuracy_records, collect, longtail_summary, tau_curve
+from .collect import Collected, Run, accuracy_records, collect, longtail_summary, tau_curves
 from .html import FigureRef, Para, Section, Table, render_html, render_markdown
 
 TITLE = "lowshot report"
@@ -179,19 +180,25 @@ def longtail_section(c: Collected, figs: _Figs) -> Section:
     s = Section("Long-tail (decoupled classifiers)")
     rows, groups, scatter, curves = [], [], [], []
     for r in c.runs:
+        joint_done = False
         for method, _file, data in r.decouple:
-            summ = longtail_summary(data)
-            curve = tau_curve(data)
-            label = f"{r.label} · {method}"
-            if curve:
-                curves.append((label, curve))
-            if summ is None:
-                continue
-            rows.append([r.label, method, _f(summ.get("overall")), _f(summ.get("class_mean")), _f(summ.get("many")),
-                         _f(summ.get("medium")), _f(summ.get("few")), _g(summ.get("tau")) if "tau" in summ else "-"])
-            groups.append((label, summ))
-            if "per_class" in summ and "train_counts" in summ:
-                scatter.append((label, summ["per_class"], summ["train_counts"]))
+            summaries = [(method, longtail_summary(data))]
+            joint = longtail_summary(data, "joint")
+            if joint is not None and not joint_done:  # the stage-1 classifier, once per run
+                summaries.insert(0, (f"joint ({data.get('joint_head') or 'stage 1'})", joint))
+                joint_done = True
+            for name, curve in tau_curves(data):
+                curves.append((f"{r.label} · {method} ({name})", curve))
+            for name, summ in summaries:
+                if summ is None:
+                    continue
+                label = f"{r.label} · {name}"
+                rows.append([r.label, name, _f(summ.get("overall")), _f(summ.get("class_mean")),
+                             _f(summ.get("many")), _f(summ.get("medium")), _f(summ.get("few")),
+                             _g(summ.get("tau")) if "tau" in summ else "-"])
+                groups.append((label, summ))
+                if "per_class" in summ and "train_counts" in summ:
+                    scatter.append((label, summ["per_class"], summ["train_counts"]))
     if not rows and not curves:
         s.blocks.append(Para("No data: no decouple_*.json found (run `lowshot decouple`).", note=True))
         return s
@@ -209,7 +216,8 @@ def longtail_section(c: Collected, figs: _Figs) -> Section:
                              "decouple results.", note=True))
     p = figures.plot_tau_curves(curves, figs.path("tau"))
     if p is not None:
-        s.blocks.append(FigureRef(p, "tau-normalisation: validation accuracy against tau"))
+        s.blocks.append(FigureRef(p, "tau-normalisation: accuracy against tau on the split that selects tau "
+                                     "(val) and, for diagnosis only, on the test split"))
     elif rows:
         s.blocks.append(Para("tau curve: no tau search curve stored in the decouple results.", note=True))
     return s
@@ -226,8 +234,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     c = collect(list(run_dirs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("fig[0-9][0-9]_*.png"):  # figures of an earlier report into the same folder
-        old.unlink()
+    for old in out.glob("fig*_*.png"):  # figures of an earlier report into the same folder
+        if re.fullmatch(r"fig\d+_[\w-]*\.png", old.name):
+            old.unlink()
     figs = _Figs(out)
     sections = [overview_section(c), curves_section(c, figs), fewshot_section(c, figs), sweeps_section(c, figs),
                 phi_section(c, figs), longtail_section(c, figs)]

@@ -181,44 +181,77 @@ def _number(x: Any) -> bool:
 LT_KEYS = ("overall", "all", "class_mean", "many", "medium", "few")
 
 
-def longtail_summary(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The first (breadth-first) dict holding long-tail accuracies; ``all`` is read as ``overall``."""
+def longtail_summary(data: dict[str, Any], key: str = "metrics") -> dict[str, Any] | None:
+    """Long-tail accuracies of a decouple result: ``data[key]`` when present (``lowshot decouple``
+    writes ``metrics`` for the new classifier and ``joint`` for the stage-1 one), else the first
+    (breadth-first) dict with ``overall`` / ``all`` / ``class_mean``. ``all`` is read as ``overall``;
+    ``per_class`` may be numbers (with ``train_counts``) or rows with ``accuracy`` / ``train_count``."""
+    if isinstance(data.get(key), dict):
+        node: Any = data[key]
+    elif key != "metrics":
+        return None
+    else:
+        node = _first_with(data, ("overall", "all", "class_mean"))
+    if node is None:
+        return None
+    found: dict[str, Any] = {k: float(node[k]) for k in LT_KEYS if _number(node.get(k))}
+    if "overall" not in found and "all" in found:
+        found["overall"] = found["all"]
+    found.pop("all", None)
+    rows = node.get("per_class")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        found["per_class"] = [r.get("accuracy") for r in rows]
+        found["train_counts"] = [r.get("train_count") for r in rows]
+    else:
+        counts = node.get("train_counts", data.get("train_counts"))
+        if isinstance(rows, list) and isinstance(counts, list):
+            found["per_class"], found["train_counts"] = rows, counts
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    sources = (node, info, data) if key == "metrics" else (node,)  # tau / method describe the new classifier
+    for k in ("tau", "method"):
+        v = next((d[k] for d in sources if k in d), None)
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            found[k] = v
+    return found
+
+
+def _first_with(data: Any, keys: tuple[str, ...]) -> dict[str, Any] | None:
     queue: list[Any] = [data]
     while queue:
         node = queue.pop(0)
         if isinstance(node, dict):
-            if any(_number(node.get(k)) for k in LT_KEYS):
-                found = {k: float(node[k]) for k in LT_KEYS if _number(node.get(k))}
-                if "overall" not in found and "all" in found:
-                    found["overall"] = found["all"]
-                found.pop("all", None)
-                for k in ("per_class", "train_counts"):
-                    if isinstance(node.get(k), list):
-                        found[k] = node[k]
-                if "train_counts" not in found and isinstance(data.get("train_counts"), list):
-                    found["train_counts"] = data["train_counts"]
-                for k in ("tau", "method"):
-                    v = node.get(k, data.get(k))
-                    if isinstance(v, (int, float, str)) and not isinstance(v, bool):
-                        found[k] = v
-                return found
+            if any(_number(node.get(k)) for k in keys):
+                return node
             queue.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             queue.extend(v for v in node if isinstance(v, (dict, list)))
     return None
 
 
-def tau_curve(data: Any) -> list[tuple[float, float]]:
-    """A tau search curve stored as ``[[tau, acc], ...]``, ``[{"tau", "accuracy"}, ...]`` or ``{tau: acc}``
-    under a key named tau_curve / curve / tau_search (anywhere in the JSON)."""
+def tau_curves(data: Any) -> list[tuple[str, list[tuple[float, float]]]]:
+    """``[("val", points), ("test", points)]`` as present: the selection curve (``tau_curve`` /
+    ``curve`` / ``tau_search``) and ``lowshot decouple``'s diagnostic ``test_curve``."""
+    out = []
+    val = tau_curve(data)
+    if val:
+        out.append(("val", val))
+    test = tau_curve(data, ("test_curve",))
+    if test:
+        out.append(("test", test))
+    return out
+
+
+def tau_curve(data: Any, keys: tuple[str, ...] = ("tau_curve", "curve", "tau_search")) -> list[tuple[float, float]]:
+    """A tau curve stored as ``[[tau, acc], ...]``, ``[{"tau", "accuracy"}, ...]`` or ``{tau: acc}``
+    under one of ``keys`` (anywhere in the JSON)."""
     if isinstance(data, dict):
-        for k in ("tau_curve", "curve", "tau_search", "taus"):
+        for k in keys:
             if k in data:
                 pts = _pairs(data[k])
                 if pts:
                     return pts
         for v in data.values():
-            pts = tau_curve(v)
+            pts = tau_curve(v, keys)
             if pts:
                 return pts
     return []

@@ -216,16 +216,17 @@ def plot_per_class_vs_count(items: Sequence[tuple[str, Sequence[float], Sequence
 
 
 def plot_tau_curves(items: Sequence[tuple[str, Sequence[tuple[float, float]]]], path: str | Path) -> Path | None:
-    """Validation accuracy vs tau of tau-normalisation (selected tau marked when given)."""
+    """Accuracy vs tau of tau-normalisation, one line per (classifier, split)."""
     items = [(label, curve) for label, curve in items if curve]
     if not items:
         return None
     fig = new_figure(5.6, 3.6)
     ax = fig.add_subplot()
     for i, (label, curve) in enumerate(items):
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", color=f"C{i % 10}", label=label)
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "--" if label.endswith("(test)") else "-",
+                marker=".", color=f"C{i % 10}", label=label)
     ax.set_xlabel("tau")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
