@@ -150,6 +150,12 @@ WORKER = textwrap.dedent('''
     res["features_equal_labels"] = bool(torch.equal(y_all, y_dist))
     res["features_max_diff"] = float((f_all - f_dist).abs().max())
     res["features_shape"] = list(f_dist.shape)
+    # the meta-test split across ranks = the single-process meta-test, episode by episode
+    from lowshot.fewshot import evaluate
+    for method, kw in (("finetune", {"steps": 20}), ("ncm", {})):
+        one = evaluate(f_all, y_all, way=5, shot=1, query=10, episodes=9, method=method, seed=3, **kw)
+        two = D.evaluate_fewshot(f_dist, y_dist, way=5, shot=1, query=10, episodes=9, method=method, seed=3, **kw)
+        res[f"meta_{method}"] = [one["accuracies"], two["accuracies"], one["mean"], two["mean"]]
     parts = D.all_gather_cat(torch.full((ctx.rank + 1, 2), float(ctx.rank)))
     res["gather"] = parts.tolist()
     with open(f"{out}/rank{ctx.rank}.json", "w") as f:
@@ -223,3 +229,6 @@ def test_two_process_training_matches_one_process(tmp_path):
         assert r["rank0_error"] == "only rank 0 saw this"
         assert r["features_equal_labels"] and r["features_shape"] == [101, 64] and r["features_max_diff"] < 1e-5
         assert r["gather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        for method in ("finetune", "ncm"):
+            single, split, m1, m2 = r[f"meta_{method}"]
+            assert len(split) == 9 and split == pytest.approx(single, abs=1e-9) and m1 == pytest.approx(m2), method

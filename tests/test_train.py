@@ -1,11 +1,10 @@
 """End-to-end training on a tiny real Fashion-MNIST subset: metrics, determinism, resume, divergence."""
-import json
 
 import pytest
 import torch
 
 from lowshot.checkpoint import load_checkpoint
-from lowshot.config import Config, apply_overrides, load_config
+from lowshot.config import Config, load_config
 from lowshot.errors import ConfigError
 from lowshot.train import TrainingDiverged, lr_at, train
 from lowshot.utils import read_jsonl

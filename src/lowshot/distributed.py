@@ -81,6 +81,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if not launched_by_torchrun() and not is_distributed():
         return DistContext(dev)
     lr = local_rank()
+    if "LOCAL_RANK" not in os.environ and is_distributed() and dev.type == "cuda":
+        lr = dist.get_rank() % torch.cuda.device_count()  # a group started without torchrun (mp.spawn)
     if dev.type == "cuda":
         dev = torch.device("cuda", lr)
         torch.cuda.set_device(dev)
@@ -237,14 +239,40 @@ def extract_features_distributed(backbone: nn.Module, dataset: Any, transform: C
     return all_gather_cat(feats.contiguous()), all_gather_cat(labels.contiguous())
 
 
-def evaluate_fewshot(features: torch.Tensor, labels: torch.Tensor, **kw: Any) -> dict[str, Any]:
-    """Few-shot meta-test; under DDP rank 0 runs it and broadcasts the result to every rank.
+def evaluate_fewshot(features: torch.Tensor, labels: torch.Tensor, *, way: int = 5, shot: int = 1,
+                     query: int = 15, episodes: int = 2000, method: Any = "finetune", seed: int = 0,
+                     device: torch.device | str | None = None, class_names: Any = None,
+                     **kw: Any) -> dict[str, Any]:
+    """``lowshot.fewshot.evaluate`` with the episodes split across ranks; every rank gets the result.
 
-    The batched meta-test is cheap next to feature extraction (which is sharded), and running it
-    once keeps its seeded episode stream identical to a single-process run.
+    Every rank draws the same episodes from ``seed``; rank r solves a contiguous block of them
+    through the method's ``chunk_scores`` with their global episode indices (so each episode's
+    seeded draws are the single-process ones), and the per-episode accuracies are gathered in
+    episode order. Methods without ``chunk_scores`` run on rank 0 and the result is broadcast.
     """
-    from .fewshot import evaluate
-    return rank0_decides(lambda: evaluate(features, labels, **kw))
+    from .fewshot import evaluate, sample_episodes, summarize
+    from .fewshot.evaluators import FewShotMethod, create_method
+    if not is_distributed():
+        return evaluate(features, labels, way=way, shot=shot, query=query, episodes=episodes, method=method,
+                        seed=seed, device=device, class_names=class_names, **kw)
+    solver = method if isinstance(method, FewShotMethod) else create_method(method, **kw)
+    if not hasattr(solver, "chunk_scores") or not hasattr(solver, "chunk_size"):
+        return rank0_decides(lambda: evaluate(features, labels, way=way, shot=shot, query=query, episodes=episodes,
+                                              method=solver, seed=seed, device=device, class_names=class_names))
+    x = features if features.dtype in (torch.float32, torch.float64) else features.float()
+    x = x.to(device) if device is not None else x
+    eps = sample_episodes(labels, way, shot, query, episodes, seed, class_names=class_names)
+    block, step = shard_indices(episodes), solver.chunk_size
+    correct = []
+    truth = torch.arange(way, device=x.device).repeat_interleave(query)
+    for s in range(block.start, block.stop, step):
+        scores = solver.chunk_scores(x, eps[s:min(s + step, block.stop)], shot, seed, s)
+        correct.append((scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu())
+    mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.float64)
+    acc = all_gather_cat(mine)
+    mean, std, ci95 = summarize(acc.numpy())
+    return {"mean": mean, "ci95": ci95, "std": std, "accuracies": acc.tolist(), "way": way, "shot": shot,
+            "query": query, "episodes": episodes, "method": getattr(solver, "name", str(method)), "seed": seed}
 
 
 # ----------------------------------------------------------------------------- BatchNorm

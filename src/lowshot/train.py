@@ -132,7 +132,8 @@ def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable,
     feats, labels = extract_features_distributed(model.backbone, ds, transform, cfg.train.eval_batch_size, device,
                                                  channels_last=cfg.train.channels_last)
     res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
-                           method=v.method, seed=v.seed, **_fewshot_method_kwargs(cfg, v.method, v.options))
+                           method=v.method, seed=v.seed, device=device,
+                           **_fewshot_method_kwargs(cfg, v.method, v.options))
     return {"val_mean": float(res["mean"]), "val_ci95": float(res["ci95"])}
 
 

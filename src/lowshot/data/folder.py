@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import warnings
 from pathlib import Path
 
 from ..errors import DataError
@@ -39,8 +40,11 @@ def _loader(size: int, channels: int) -> functools.partial:
 @register_dataset("image_folder", "folder")
 def image_folder(split: str = "train", root: str | os.PathLike | None = None, image_size: int | None = None,
                  download: bool = False, *, channels: int = 3, max_per_class: int | None = None,
-                 seed: int = 0) -> ImageDataset:
+                 seed: int = 0, skip_corrupt: bool = False) -> ImageDataset:
     """``root/<class>/**/*.png|jpg|...``, classes sorted by folder name.
+
+    A corrupt file fails the batch that reads it with an error naming the file; ``skip_corrupt=True``
+    instead decodes every file once up front and drops (and counts, in ``ds.skipped``) the bad ones.
 
     The folder is the split: ``split`` only matters when ``root/<split>`` exists (e.g. a
     ``train/ val/ test/`` layout), in which case that sub-folder is used.
@@ -68,9 +72,28 @@ def image_folder(split: str = "train", root: str | os.PathLike | None = None, im
         hint = " (images found directly in it: put them in one sub-folder per class)" if stray else ""
         raise DataError(f"no class folders with images in {base}{hint}")
     size = _size(image_size)
+    paths, labels, bad = _without_corrupt(paths, labels, skip_corrupt)
     ds = FileImageDataset(paths, labels, names, _loader(size, channels), channels, size)
-    ds.location = str(base)
+    ds.location, ds.skipped = str(base), bad
     return _limit(ds, max_per_class, seed)
+
+
+def _without_corrupt(paths: list[str], labels: list[int], skip: bool) -> tuple[list[str], list[int], list[str]]:
+    """With ``skip``, decode every file once and drop the ones that fail (returned for counting)."""
+    if not skip:
+        return paths, labels, []
+    keep_p, keep_l, bad = [], [], []
+    for p, y in zip(paths, labels):
+        try:
+            load_image(p, None, 1)
+        except DataError:
+            bad.append(p)
+            continue
+        keep_p.append(p)
+        keep_l.append(y)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} corrupt image file(s), e.g. {bad[0]}", stacklevel=3)
+    return keep_p, keep_l, bad
 
 
 def _limit(ds: FileImageDataset, max_per_class: int | None, seed: int) -> ImageDataset:
@@ -87,7 +110,8 @@ def _is_header(row: list[str]) -> bool:
 @register_dataset("csv_list", "csv")
 def csv_list(split: str = "train", root: str | os.PathLike | None = None, image_size: int | None = None,
              download: bool = False, *, image_root: str | os.PathLike | None = None, channels: int = 3,
-             check_files: bool = True, max_per_class: int | None = None, seed: int = 0) -> ImageDataset:
+             check_files: bool = True, max_per_class: int | None = None, seed: int = 0,
+             skip_corrupt: bool = False) -> ImageDataset:
     """``path,label`` rows (optional header, ``#`` comments); ``root`` is the CSV file.
 
     Paths are relative to ``image_root`` (default: the CSV's folder). Labels are either all
@@ -138,8 +162,9 @@ def csv_list(split: str = "train", root: str | os.PathLike | None = None, image_
             raise DataError(f"{csv_path}:{lineno}: image file {full} not found")
         paths.append(str(full))
     size = _size(image_size)
+    paths, ids, bad = _without_corrupt(paths, ids, skip_corrupt)
     ds = FileImageDataset(paths, ids, names, _loader(size, channels), channels, size)
-    ds.location = str(csv_path)
+    ds.location, ds.skipped = str(csv_path), bad
     return _limit(ds, max_per_class, seed)
 
 

@@ -106,6 +106,7 @@ class Stage2Context:
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
     _features: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     extracted: list[str] = field(default_factory=list)  # splits computed (not read from cache)
+    extract_seconds: float = 0.0  # time spent computing features (not reading the cache)
 
     @classmethod
     def open(cls, checkpoint: str | Path, *, device: str = "auto", root: str | None = None,
@@ -166,8 +167,10 @@ class Stage2Context:
             def compute() -> tuple[torch.Tensor, torch.Tensor]:
                 t0 = time.perf_counter()
                 out = extract_features(bb, ds, self.transform, self.feature_batch_size, self.device)
+                seconds = time.perf_counter() - t0
                 self.extracted.append(split)
-                self.log(f"features: {split} {tuple(out[0].shape)} extracted in {time.perf_counter() - t0:.1f}s")
+                self.extract_seconds += seconds
+                self.log(f"features: {split} {tuple(out[0].shape)} extracted in {seconds:.1f}s")
                 return out
 
             directory = self.run_dir / "features" if self.use_cache else None
@@ -259,9 +262,9 @@ def decouple(checkpoint: str | Path, method: str, *, out: str | Path | None = No
     counts = ctx.train_counts(train_split)
     thr = shot_thresholds(counts, opts["thresholds"])
 
-    t0 = time.perf_counter()
+    t0, e0 = time.perf_counter(), ctx.extract_seconds
     fit: Fit = METHODS.get(name)(ctx, opts)
-    fit_seconds = time.perf_counter() - t0
+    fit_seconds = time.perf_counter() - t0 - (ctx.extract_seconds - e0)  # the method alone
     new = _decoupled_checkpoint(ctx, name, opts, fit)
     model, _ = model_from_checkpoint(new)  # what is saved is what is evaluated
     model = model.to(ctx.device).eval()
@@ -272,6 +275,7 @@ def decouple(checkpoint: str | Path, method: str, *, out: str | Path | None = No
         "method": name, "checkpoint": str(out_path), "source": str(ctx.path), "dataset": ctx.cfg.data.name,
         "train_split": train_split, "test_split": test, "train_counts": counts, "thresholds": thr,
         "options": opts, "info": fit.info, "fit_seconds": round(fit_seconds, 3),
+        "feature_seconds": round(ctx.extract_seconds, 3), "features_extracted": list(ctx.extracted),
         "metrics": evaluate_logits(_head_logits(model.head, tf, ctx.device), ty, counts, ctx.class_names, thr),
         "joint": evaluate_logits(_head_logits(ctx.model.head, jf, ctx.device), jy, counts, ctx.class_names, thr),
         "joint_head": ctx.cfg.head.name,
