@@ -52,3 +52,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(target, boom)
     assert load_checkpoint(target)["v"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_safetensors_export(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    from lowshot.checkpoint import export_safetensors
+    ck = {"model": {"conv.weight": torch.randn(2, 3)}, "head": {"weight": torch.randn(4, 2)}, "class_names": list("abcd")}
+    export_safetensors(ck, tmp_path / "w.safetensors")
+    back = st.load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(back["model.conv.weight"], ck["model"]["conv.weight"])
+    assert torch.equal(back["head.weight"], ck["head"]["weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

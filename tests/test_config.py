@@ -94,3 +94,11 @@ def test_parse_override_values():
 def test_exponent_floats_without_dot():
     # PyYAML reads '1e-3' as a string; float keys must still accept it
     assert apply_overrides(Config(), ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+
+
+def test_amp_off_written_bare_in_yaml():
+    # YAML 1.1 reads `off` as false; the config must still mean "no autocast"
+    assert apply_overrides(Config(), ["train.amp=off"]).train.amp == "off"
+    assert apply_overrides(Config(), ["train.amp=bf16"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match="train.amp"):
+        apply_overrides(Config(), ["train.amp=on"])

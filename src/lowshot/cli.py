@@ -59,6 +59,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_safetensors, load_checkpoint
+    path = export_safetensors(load_checkpoint(args.checkpoint), args.out)
+    print(f"wrote {path} (backbone as model.*, head as head.*)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(out_dir=args.out, quick=args.quick, overrides=args.overrides)
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name", nargs="?")
     d.add_argument("--root")
     d.set_defaults(func=cmd_data)
+
+    x = sub.add_parser("export", help="export a checkpoint's weights to safetensors")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="output .safetensors file")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="the quick start on Fashion-MNIST")
     m.add_argument("--out", default="runs/demo", help="where the demo writes its runs and report")

@@ -94,7 +94,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     sampler: str = "instance"
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
-    amp: str = "off"  # off | bf16 | fp16 (autocast; fp16 needs CUDA, bf16 also runs on CPU)
+    amp: str | bool = "off"  # off | bf16 | fp16 (YAML reads a bare `off` as false: accepted) (autocast; fp16 needs CUDA, bf16 also runs on CPU)
     channels_last: bool = False
     compile: bool = False
     grad_clip: float | None = None
@@ -376,6 +376,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.optim.name in ("sgd", "adam", "adamw"), "optim.name", "must be one of sgd, adam, adamw")
     need(cfg.schedule.name in ("cosine", "multistep", "constant"), "schedule.name",
          "must be one of cosine, multistep, constant")
+    if cfg.train.amp is False:
+        cfg.train.amp = "off"
     need(cfg.train.amp in ("off", "bf16", "fp16"), "train.amp", "must be one of off, bf16, fp16")
     need(cfg.head.scale is None or cfg.head.scale > 0, "head.scale", "must be > 0")
     if cfg.augment.crop_scale is not None:
