@@ -71,7 +71,8 @@ def test_each_method_writes_a_checkpoint_that_reproduces_its_report(run, method,
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["metrics"]["all"] == pytest.approx(res["metrics"]["all"])
     ck = load_checkpoint(out)
-    assert ck["kind"] == "decouple" and ck["method"] == method and ck["source"]["path"] == str(run)
+    assert ck["kind"] == "decouple" and ck["method"] == method and ck["source"] == str(run)
+    assert ck["source_info"]["head"] == "linear" and ck["backbone_updated"] is False
     model, cfg = model_from_checkpoint(ck)
     assert cfg.head.name == head and cfg.data.name == "fashion_mnist_lt"
     if method == "tau_norm":
@@ -98,7 +99,8 @@ def test_tau_norm_picks_tau_on_val_and_saves_the_curve(run):
     assert info["tau"] == next(t for t, a in curve if a == best)  # first (smallest) best tau
     assert info["tau_source"] == "best on val" and len(info["test_curve"]) == 21
     ck = load_checkpoint(out)
-    assert ck["info"]["tau_curve"] == curve and ck["results"]["info"]["tau"] == info["tau"]
+    assert ck["tau_curve"] == ck["info"]["tau_curve"] == curve and ck["tau"] == info["tau"]
+    assert ck["results"]["info"]["tau"] == info["tau"]
     w = load_checkpoint(run)["head"]["weight"]
     torch.testing.assert_close(ck["head"]["weight"], tau_normalize(w, info["tau"]))
     # the curve is measured on the balanced val split (20 per class), not on test
@@ -166,6 +168,7 @@ def test_crt_on_images_bn_modes_are_saved(run, tmp_path, freeze_bn):
     assert stats and all(torch.equal(ck["model"][k], src["model"][k]) for k in params)  # never trained
     moved = any(not torch.equal(ck["model"][k], src["model"][k]) for k in stats)
     assert moved == (not freeze_bn) and res["info"] == {"mode": "images", "freeze_bn": freeze_bn}
+    assert ck["backbone_updated"] == (not freeze_bn)
     acc, _ = _accuracy_of(out)  # reported numbers use the saved (BN-updated) backbone
     assert acc == pytest.approx(res["metrics"]["all"], abs=100.0 / 1200 + 1e-9)
 

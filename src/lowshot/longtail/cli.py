@@ -19,7 +19,9 @@ from ..errors import ConfigError
 
 def _options_text(method: str) -> str:
     from .stage2 import valid_options
-    rows = [f"  {k}={v.default!r:<18} {v.help}" for k, v in valid_options(method).items()]
+    pairs = [(f"{k}={v.default!r}", v.help) for k, v in valid_options(method).items()]
+    width = max(len(p) for p, _ in pairs)
+    rows = [f"  {p:<{width}}  {h}" for p, h in pairs]
     return f"options of decouple {method}:\n" + "\n".join(rows)
 
 

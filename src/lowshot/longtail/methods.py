@@ -141,8 +141,9 @@ def _linear_fit(weight: torch.Tensor, bias: torch.Tensor | None, info: dict[str,
 def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Re-initialised linear classifier, class-balanced, backbone frozen.
 
-    Default: on cached features, which is exactly a frozen backbone without augmentation and
-    ~100x cheaper than running the backbone every step. ``images=true`` adds the training
+    Default: on cached features, which is exactly a frozen eval-mode backbone without
+    augmentation, and on CPU hundreds of times cheaper than running the backbone every step
+    (benchmarks/crt_features_vs_images.py). ``images=true`` adds the training
     config's augmentation; ``freeze_bn=false`` lets BatchNorm statistics follow the balanced
     batches as the official code silently does, and the updated backbone is saved.
     """

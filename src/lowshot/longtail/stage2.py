@@ -292,16 +292,22 @@ def _decoupled_checkpoint(ctx: Stage2Context, method: str, opts: dict[str, Any],
     config = dict(ctx.ckpt["config"])
     config["head"] = {"name": fit.head_name, "margin": 0.0, "scale": None, "kwargs": dict(fit.head_kwargs)}
     src = ctx.ckpt
-    return {
+    out = {
         "kind": "decouple", "method": method,
         "model": fit.model_state if fit.model_state is not None else src["model"],
         "head": {k: v.detach().cpu().contiguous() for k, v in fit.head_state.items()},
         "config": config, "class_names": list(src["class_names"]), "data": dict(src["data"]),
         "epoch": src.get("epoch"), "step": src.get("step"),
-        "source": {"path": str(ctx.path), "kind": src.get("kind", "train"), "head": ctx.cfg.head.name,
-                   "epoch": src.get("epoch")},
+        "source": str(ctx.path),
+        "source_info": {"kind": src.get("kind", "train"), "method": src.get("method", "joint"),
+                        "head": ctx.cfg.head.name, "epoch": src.get("epoch")},
+        "backbone_updated": fit.model_state is not None,
         "options": _plain(opts), "info": _plain(fit.info),
     }
+    for key in ("tau", "tau_curve"):  # top level too: what a reader of a tau-norm checkpoint looks for
+        if key in fit.info:
+            out[key] = _plain(fit.info[key])
+    return out
 
 
 # ----------------------------------------------------------------------------- output
