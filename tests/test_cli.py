@@ -112,7 +112,7 @@ def test_eval_cli_writes_json(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "5-way 1-shot" in out and "ncm" in out
     assert list(tiny_run.glob("eval_best_novel_ncm.json"))
-    assert list((tiny_run / "features").glob("best-novel-*.pt"))  # features cached per checkpoint/split
+    assert list((tiny_run / "features").glob("novel-*.pt"))  # features cached per backbone/split
 
 
 @needs_fmnist

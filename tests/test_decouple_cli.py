@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import ROOT, needs_fmnist
 
-from lowshot import cli, cli_extra
+from lowshot import cli
 from lowshot.checkpoint import load_checkpoint
 from lowshot.config import load_config
 from lowshot.train import train
@@ -22,13 +22,6 @@ def ckpt(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli_run")
     train(cfg, run_dir, overwrite=True, log=lambda _m: None)
     return run_dir / "last.pt"
-
-
-@pytest.fixture(autouse=True)
-def only_decouple(monkeypatch):
-    """Register the subcommands of this feature only, so the test does not depend on the others."""
-    monkeypatch.setattr(cli_extra, "MODULES", ["lowshot.longtail.cli"])
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [])
 
 
 @needs_fmnist

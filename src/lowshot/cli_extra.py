@@ -17,7 +17,8 @@ def registrars() -> Iterator[Callable[[Any], None]]:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # feature not installed in this build
+            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+                # feature (or its package) not part of this build
                 continue
             raise
         yield module.register

@@ -1,8 +1,6 @@
 """Frozen-feature extraction shared by eval, decouple, analyze and embed."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -38,42 +36,38 @@ def extract_features(backbone: nn.Module, dataset: ImageDataset, transform: Call
     return torch.cat(feats), torch.cat(labels)
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | None = None,
                           root: str | None = None, batch_size: int = 256, device: str = "auto",
                           show_progress: bool = True, cache: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features, labels and class names of a dataset split under a checkpoint, cached on disk.
 
-    The cache lives in ``<checkpoint dir>/features/`` and is keyed by the checkpoint's content hash and
-    the dataset/split/root/options, so a retrained or edited checkpoint never reuses stale features.
+    Entries live in ``<checkpoint dir>/features/`` (see ``feature_cache``: keyed by the backbone's
+    weights, the test-time normalisation and the dataset/split), shared with ``lowshot decouple``.
     """
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .embed import embed_dataset_split
+    from . import feature_cache
+    from .data import build_dataset
+    from .embed import load_for_inference
+    from .errors import DataError
+    from .utils import resolve_device
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "best.pt"
-    ckpt_cfg = load_checkpoint(checkpoint)["config"]["data"]
-    key = json.dumps({"ckpt": _file_digest(checkpoint), "dataset": dataset or ckpt_cfg["name"], "split": split,
-                      "root": root if dataset else (root or ckpt_cfg["root"]),
-                      "options": {} if dataset else ckpt_cfg["options"]}, sort_keys=True, default=str)
-    name = f"{checkpoint.stem}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    path = checkpoint.parent / "features" / name
-    if cache and path.is_file():
-        obj = load_checkpoint(path)
-        return obj["features"], obj["labels"], list(obj["class_names"])
-    out = embed_dataset_split(checkpoint, split, dataset=dataset, root=root, batch_size=batch_size, device=device,
-                              show_progress=show_progress)
-    feats, labels = torch.from_numpy(out["features"]), torch.from_numpy(out["labels"]).long()
-    names = [str(c) for c in out["class_names"].tolist()]
-    if cache:
-        save_checkpoint({"kind": "features", "features": feats, "labels": labels, "class_names": names,
-                         "key": key}, path)
-    return feats, labels, names
+    dev = resolve_device(device)
+    model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
+    meta = ckpt["data"]
+    name = dataset or cfg.data.name
+    options = dict(cfg.data.options) if dataset is None else {}
+    data_root = root if root is not None else (cfg.data.root if dataset is None else None)
+    ds = build_dataset(name, split, root=data_root, image_size=meta["image_size"], **options)
+    if ds.channels != meta["channels"]:
+        raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
+                        f"{meta['channels']}")
+    desc = {"dataset": name, "split": split, "root": data_root, "options": options, "image_size": meta["image_size"],
+            "mean": meta["mean"], "std": meta["std"], "preprocess": meta.get("preprocess", {})}
+    key = feature_cache.feature_key(model.backbone.state_dict(), desc)
+    feats, labels, _ = feature_cache.cached_features(
+        checkpoint.parent / "features" if cache else None, split, key, ds.labels,
+        lambda: extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=show_progress,
+                                 desc=f"features {split}"))
+    return feats, labels, list(ds.class_names)
