@@ -161,3 +161,16 @@ def test_evaluate_many_and_table():
     assert table[0] == "| method | 5-way 1-shot | 5-way 2-shot |"
     assert table[2].startswith("| ncm | ") and " ± " in table[2] and len(table) == 4
     assert list_methods() == ["finetune", "logreg", "ncm"]
+
+
+def test_logreg_memory_budget_subchunks_do_not_change_results(monkeypatch):
+    """Many-way episodes are fitted in memory-bounded sub-chunks; results equal a single batched fit."""
+    import lowshot.fewshot.logreg as lr
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 16, generator=g) + torch.arange(30).repeat_interleave(10)[:, None] * 0.3
+    labels = torch.arange(30).repeat_interleave(10)
+    from lowshot.fewshot import evaluate
+    full = evaluate(feats, labels, way=10, shot=2, query=3, episodes=12, method="logreg", seed=1)
+    monkeypatch.setattr(lr, "_FIT_BUDGET_BYTES", 1)  # one episode per Newton fit
+    tiny = evaluate(feats, labels, way=10, shot=2, query=3, episodes=12, method="logreg", seed=1)
+    assert full["accuracies"] == tiny["accuracies"]

@@ -133,3 +133,15 @@ def test_amp_on_cpu_fp16_is_ignored_and_bf16_runs(tmp_path, tiny_fmnist_override
     assert fp16["train_loss"] == off["train_loss"]  # plain fp32, not silently half precision
     bf16 = train(_cfg(base + ["train.amp=bf16"]), tmp_path / "bf16", log=quiet)
     assert bf16["train_loss"] != off["train_loss"] and abs(bf16["train_loss"] - off["train_loss"]) < 0.1
+
+
+@needs_fmnist
+def test_best_checkpoint_compares_one_metric_only(tmp_path, tiny_fmnist_overrides):
+    """With few-shot validation every 2 epochs, epochs without it never claim best (no mixing with base_acc)."""
+    cfg = _cfg(tiny_fmnist_overrides + ["train.epochs=3", "val.every=2"])
+    train(cfg, tmp_path / "r", log=quiet)
+    recs = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [("val_mean" in r) for r in recs] == [False, True, True]
+    assert recs[0]["best"] is False and recs[1]["best"] is True
+    best_val = max(r["val_mean"] for r in recs if "val_mean" in r)
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["best"] == best_val

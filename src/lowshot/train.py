@@ -435,8 +435,13 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
                 record["base_acc"] = accuracy(model, test_set, test_tf, device, t.eval_batch_size)
             if val_set is not None and (epoch % cfg.val.every == 0 or epoch == t.epochs):
                 record.update(fewshot_validation(model, val_set, test_tf, cfg, device))
-        score = record.get("val_mean", record.get("base_acc", -record["train_loss"]))
-        record["best"] = best is None or score > best
+        # one monitored metric for the whole run, so best.pt never compares different quantities:
+        # few-shot validation accuracy when enabled, else held-out accuracy, else training loss
+        monitor = "val_mean" if val_set is not None else "base_acc" if test_set is not None else "train_loss"
+        score = record.get(monitor)
+        if score is not None and monitor == "train_loss":
+            score = -score
+        record["best"] = score is not None and (best is None or score > best)
         if record["best"]:
             best = score
         loss_sum.zero_()

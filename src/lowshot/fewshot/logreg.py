@@ -18,6 +18,7 @@ from torch import Tensor
 from .basis import gather_rows, inverse_norms, sub_chunk_size, support_basis
 
 _STEPS = torch.tensor([0.5 ** i for i in range(12)], dtype=torch.float64)
+_FIT_BUDGET_BYTES = 1 << 30  # working memory of one batched Newton fit
 _BIAS_RIDGE = 1e-9   # fixes the softmax shift invariance of the intercepts (no effect on predictions)
 
 
@@ -94,7 +95,14 @@ def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
         gram[s:s + sub] = torch.bmm(x, x.transpose(1, 2)) * sc.unsqueeze(1) * sc.unsqueeze(2)
     coords, transform = support_basis(gram)
     y = torch.arange(way).repeat_interleave(shot)
-    a, b = fit_logreg(coords, y, way, 1.0 / C, fit_intercept, max_iter, tol)
+    # Newton's Hessian is (way*q)^2 per episode (q = basis size + 1): 20-way 5-shot is ~33 MB per episode,
+    # so fit in sub-chunks under a fixed memory budget (episodes are independent: results unchanged).
+    q = coords.shape[-1] + 1
+    per_episode = 8 * (3 * (way * q) ** 2 + n * q * q + 2 * n * way * way + 4 * n * way)
+    step = max(1, _FIT_BUDGET_BYTES // per_episode)
+    parts = [fit_logreg(coords[s:s + step], y, way, 1.0 / C, fit_intercept, max_iter, tol)
+             for s in range(0, e, step)]
+    a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     coef = torch.bmm(a, transform) * s_sup.unsqueeze(1)              # weights on raw support rows
     out = torch.empty(e, query.shape[1], way, dtype=f64, device=dev)
     sub = sub_chunk_size(n + query.shape[1], dim)
