@@ -171,3 +171,8 @@ def test_omniglot_embedding_of_raw_files_matches_training_preprocessing(tmp_path
     from lowshot.data import load_image
     raw = load_image(tmp_path / "one.png", 28, 1, invert=True)
     assert torch.equal(raw, ds[0][0])  # the reader's first image of class 0 is the first drawer's file
+
+
+def test_resume_refuses_new_overrides(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "train.epochs=5"]) == 2
+    assert "config stored in its checkpoint" in capsys.readouterr().err

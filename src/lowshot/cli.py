@@ -18,6 +18,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
     if args.resume:
+        if args.config or args.overrides:
+            raise LowshotError("--resume continues a run with the config stored in its checkpoint; "
+                               "drop CONFIG and key=value overrides (start a new run to change them)")
         cfg = load_config(None)  # replaced by the checkpoint's own config
         res = train(cfg, args.resume, resume=True)
     else:

@@ -96,7 +96,12 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 def shutdown(ctx: DistContext) -> None:
     if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        # every rank reaches this point before the group is torn down: destroying it while a peer
+        # still has a Gloo operation in flight aborts that process ("terminate called ...")
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives

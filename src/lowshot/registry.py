@@ -6,11 +6,31 @@ user extends the toolkit by decorating a factory in their own module, never by e
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T", bound=Callable[..., Any])
+
+
+def _keyword_names(fn: Callable[..., Any]) -> set[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _unknown_keywords(fn: Callable[..., Any], kwargs: dict[str, Any]) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []  # the factory forwards options itself (and checks them)
+    names = _keyword_names(fn)
+    return [k for k in kwargs if k not in names]
 
 
 class Registry(Generic[T]):
@@ -49,7 +69,16 @@ class Registry(Generic[T]):
         return self._items[self.canonical(name)]
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)
+        """Call the factory; an option it does not take is a ConfigError listing the valid ones."""
+        factory = self.get(name)
+        unknown = _unknown_keywords(factory, kwargs)
+        if unknown:
+            valid = sorted(_keyword_names(factory))
+            close = difflib.get_close_matches(unknown[0], valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{self.kind} {self.canonical(name)!r} has no option {unknown[0]!r}{hint} "
+                              f"(valid: {', '.join(valid)})")
+        return factory(*args, **kwargs)
 
     def names(self, include_aliases: bool = False) -> list[str]:
         names = list(self._items)

@@ -65,8 +65,11 @@ def dataset_summary(name: str, root: str | os.PathLike | Sequence[str] | None = 
         rows.append(f"  {split:<10} {len(ds):>8} images  {ds.num_classes:>5} classes  "
                     f"{ds.channels}x{size}")
     if not rows:
-        # Every split failed: the first error is almost always "not found" with instructions.
-        raise DataError(errors[0][1]) if errors else DataError(f"dataset {canonical!r} has no splits")
+        # Every split failed: report a data error (usually "not found" with instructions) before a
+        # split-name error, which only says this reader names its splits differently.
+        data_errors = [m for s, m in errors if "split" not in m.split(":")[0] and "unknown split" not in m]
+        msg = (data_errors or [m for _, m in errors] or [f"dataset {canonical!r} has no splits"])[0]
+        raise DataError(msg)
     lines = [f"{canonical}" + (f" (found at {location})" if location else "")]
     lines += rows
     for split, msg in errors:
