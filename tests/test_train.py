@@ -37,7 +37,7 @@ def test_lr_schedule_hand_values():
 def test_train_writes_run_dir_and_is_deterministic(tmp_path, tiny_fmnist_overrides):
     cfg = _cfg(tiny_fmnist_overrides)
     a = train(cfg, tmp_path / "a", log=quiet)
-    b = train(cfg, tmp_path / "b", log=quiet)
+    train(cfg, tmp_path / "b", log=quiet)
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt"):
         assert (tmp_path / "a" / name).is_file(), name
     ra, rb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")

@@ -14,6 +14,7 @@ library code calls them unconditionally. Conventions (see docs/distributed.md):
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -98,6 +99,9 @@ def shutdown(ctx: DistContext) -> None:
     if ctx.owns_group and dist.is_initialized():
         # every rank reaches this point before the group is torn down: destroying it while a peer
         # still has a Gloo operation in flight aborts that process ("terminate called ...")
+        # Free the run's DDP reducer / SyncBN objects (often held by reference cycles) while the
+        # group still exists, rather than in interpreter-exit destructors after it is gone.
+        gc.collect()
         try:
             dist.barrier()
         finally:

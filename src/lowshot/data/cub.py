@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .base import FileImageDataset, ImageDataset
-from .cifar import FEW_SHOT_SPLITS, check_split, dataset_root, fetch, split_base
+from .common import FEW_SHOT_SPLITS, check_split, dataset_root, fetch, split_base
 from .info import download_target, register_downloader
 from .registry import register_dataset
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import DataError
 from .archives import download_url
 from .base import TensorImageDataset
 from .info import download_target, env_root, register_downloader
+from .common import resize_uint8
 from .registry import register_dataset
 from .splits import explicit_split, sample_per_class
 
@@ -152,16 +152,6 @@ def _partition(images: tuple[str, int, int], labels: tuple[str, int, int]) -> tu
     if y.size and int(y.max()) >= len(CLASSES):
         raise DataError(f"{labels[0]}: label {int(y.max())} out of range 0..{len(CLASSES) - 1}")
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
-
-
-def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 [N,C,H,W] stack, in chunks to bound float memory."""
-    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
-    for s in range(0, images.shape[0], chunk):
-        part = F.interpolate(images[s:s + chunk].float(), size=(size, size), mode="bilinear",
-                             align_corners=False, antialias=True)
-        out[s:s + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
-    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,53 +19,16 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from ..errors import ConfigError, DataError
 from .base import FileImageDataset
+from .common import dataset_root
+from .io import load_image
 from .registry import register_dataset
 
-ENV_VAR = "LOWSHOT_DATA"
 LIST_SPLITS = ("train", "val", "test")
 # iNaturalist 2018 never released test labels; every long-tail paper reports val2018 as "test".
 INAT_FILES = {"train": "train2018.json", "val": "val2018.json", "test": "val2018.json"}
-
-
-def _root(name: str, root: str | os.PathLike[str] | None) -> Path:
-    if root is not None:
-        return Path(root).expanduser()
-    base = os.environ.get(ENV_VAR)
-    if not base:
-        raise DataError(f"no data root for dataset {name!r}: pass root=... or set ${ENV_VAR} "
-                        f"(the data is then read from ${ENV_VAR}/{name})")
-    return Path(base).expanduser() / name
-
-
-def _load_image(path: str, image_size: int | None, channels: int) -> torch.Tensor:
-    """Decode with the package's ``load_image``, or a minimal Pillow fallback."""
-    try:
-        from .io import load_image
-    except ImportError:  # pragma: no cover - io.py is part of the package
-        load_image = _pillow_load
-    return load_image(path, image_size, channels)
-
-
-def _pillow_load(path: str, image_size: int | None, channels: int) -> torch.Tensor:  # pragma: no cover
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if image_size is not None:
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"image file {path} not found") from None
-    except OSError as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def read_list_file(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
@@ -115,7 +78,7 @@ def _file_dataset(paths: list[str], labels: list[int], class_names: list[str], i
         raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
     if check_files:
         _check_files(paths)
-    loader = functools.partial(_load_image, image_size=image_size, channels=channels)
+    loader = functools.partial(load_image, image_size=image_size, channels=channels)
     return FileImageDataset(paths, labels, class_names, loader, channels, image_size)
 
 
@@ -141,7 +104,7 @@ def _list_benchmark(name: str, prefix: str, split: str, root: str | None, image_
                     num_classes: int | None) -> FileImageDataset:
     if list_file is None and split not in LIST_SPLITS:
         raise ConfigError(f"unknown split {split!r} for dataset {name!r} (choose from {', '.join(LIST_SPLITS)})")
-    base = _root(name, root)
+    base = dataset_root(name, root)
     lf = Path(list_file) if list_file is not None else base / f"{prefix}_{split}.txt"
     return list_dataset(base, lf, image_size=image_size, channels=channels, num_classes=num_classes,
                         names_file=names_file, check_files=check_files)
@@ -231,7 +194,7 @@ def inat2018(split: str, root: str | None = None, image_size: int | None = None,
     """
     if download:
         raise ConfigError("inat2018 cannot be downloaded automatically; pass root=...")
-    base = _root("inat2018", root)
+    base = dataset_root("inat2018", root)
     if list_file is not None:
         return list_dataset(base, list_file, image_size=image_size, channels=channels,
                             num_classes=num_classes, names_file=names_file, check_files=check_files)

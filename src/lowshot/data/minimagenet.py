@@ -36,7 +36,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .base import FileImageDataset, ImageDataset, TensorImageDataset
-from .cifar import FEW_SHOT_SPLITS, check_split, dataset_root, resize_uint8, safe_pickle_load, split_base
+from .common import FEW_SHOT_SPLITS, check_split, dataset_root, resize_uint8, safe_pickle_load, split_base
 from .registry import register_dataset
 
 SPLIT_FILES = {"base": "train", "val": "val", "novel": "test"}
