@@ -24,3 +24,13 @@ def tiny_fmnist_overrides():
     """A few-second training run on a real Fashion-MNIST subset."""
     return ["data.options={max_per_class: 60}", "train.epochs=2", "train.batch_size=32", "train.progress=false",
             "val.episodes=20", "val.every=1", "val.method=ncm", "model.backbone=conv4"]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny per-episode ops: a second OpenMP thread only adds contention on a shared 2-core CPU."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -12,13 +12,7 @@ from lowshot.fewshot.finetune import episode_draws
 from lowshot.fewshot.reference import CosineHead, LinearHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny per-episode ops: a second OpenMP thread only adds contention on a shared CPU.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _data(dim: int = 24, classes: int = 8, per: int = 12, seed: int = 0, sep: float = 0.5):

@@ -21,12 +21,7 @@ from lowshot.fewshot import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # 2-way 2-shot 1-query episode: class 0 support (2,0),(4,2) query (1,1); class 1 support
