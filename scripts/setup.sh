@@ -27,7 +27,7 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 apt_updated=0
 apt_install() {  # apt_install PKG...: one `apt-get update` per set-up (a new machine has no package lists)
   [ $apt_updated = 1 ] || { $SUDO apt-get update -qq; apt_updated=1; }
-  $SUDO apt-get install -y -qq "$@" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 fm=/usr/share/datasets/fashion-mnist
 if [ ! -f "$fm/train-images-idx3-ubyte.gz" ] && [ ! -f "${LOWSHOT_DATA:-/nonexistent}/fashion-mnist/train-images-idx3-ubyte.gz" ]; then
