@@ -169,3 +169,12 @@ def test_logreg_memory_budget_subchunks_do_not_change_results(monkeypatch):
     monkeypatch.setattr(lr, "_FIT_BUDGET_BYTES", 1)  # one episode per Newton fit
     tiny = evaluate(feats, labels, way=10, shot=2, query=3, episodes=12, method="logreg", seed=1)
     assert full["accuracies"] == tiny["accuracies"]
+
+
+def test_finetune_head_follows_training_head_family():
+    from lowshot.fewshot import method_kwargs_for_head
+    assert method_kwargs_for_head("neg_cosine", "finetune", {}) == {"head": "cosine"}
+    assert method_kwargs_for_head("arcface", "finetune", {"steps": 10}) == {"head": "cosine", "steps": 10}
+    assert method_kwargs_for_head("neg_softmax", "finetune", {}) == {"head": "linear"}
+    assert method_kwargs_for_head("virtual_softmax", "finetune", {"head": "cosine"}) == {"head": "cosine"}
+    assert method_kwargs_for_head("cosine", "ncm", {"metric": "l2"}) == {"metric": "l2"}

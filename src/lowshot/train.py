@@ -138,12 +138,8 @@ def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable,
 
 
 def _fewshot_method_kwargs(cfg: Config, method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tuning uses the training head's family (cosine-like -> cosine, else linear), margin 0."""
-    kw = dict(options)
-    if method == "finetune" and "head" not in kw:
-        kw["head"] = "cosine" if cfg.head.name in ("cosine", "neg_cosine", "cosface", "normface", "arcface") \
-            else "linear"
-    return kw
+    from .fewshot import method_kwargs_for_head
+    return method_kwargs_for_head(cfg.head.name, method, options)
 
 
 def write_metrics_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:

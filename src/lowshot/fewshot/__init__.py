@@ -7,7 +7,7 @@ episode's support span; ``ncm``/``protonet``; ``logreg``).  See docs/fewshot.md.
 """
 from __future__ import annotations
 
-from .api import evaluate, evaluate_many, format_table, summarize
+from .api import evaluate, evaluate_many, format_table, method_kwargs_for_head, summarize
 from .episodes import episode_labels, sample_episodes
 from .evaluators import (
     EVALUATORS,
@@ -21,6 +21,7 @@ from .evaluators import (
 from .finetune import FinetuneConfig
 
 __all__ = [
+    "method_kwargs_for_head",
     "EVALUATORS",
     "FewShotMethod",
     "Finetune",

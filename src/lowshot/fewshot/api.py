@@ -131,3 +131,19 @@ def format_table(results: Sequence[dict[str, Any]], digits: int = 2) -> str:
     body = ["| " + label + " | " + " | ".join(cells.get(c, "-") for c in cols) + " |"
             for label, cells in rows.items()]
     return "\n".join([head, rule, *body])
+
+
+COSINE_FAMILY = frozenset({"cosine", "neg_cosine", "cosface", "normface", "arcface"})
+
+
+def method_kwargs_for_head(train_head: str, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Method options for features of a model trained with ``train_head``.
+
+    The Negative-Margin protocol fine-tunes a fresh head of the training head's family with margin 0
+    (cosine-like heads -> ``cosine``, scale 5; softmax-like heads -> ``linear``) unless ``head`` is given.
+    """
+    kw = dict(options or {})
+    if method == "finetune" and "head" not in kw:
+        kw["head"] = "cosine" if train_head in COSINE_FAMILY else "linear"
+    return kw
+

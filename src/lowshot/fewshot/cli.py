@@ -9,23 +9,6 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def finetune_head_for(head_name: str) -> str:
-    """Fine-tune head family for a training head: cosine-like heads -> cosine, others -> linear.
-
-    The Negative-Margin protocol fine-tunes a fresh head "of the training head's type" with margin 0
-    and scale 5 (cosine); softmax-type heads get a linear classifier.
-    """
-    cosine_like = {"cosine", "neg_cosine", "cosface", "normface", "arcface"}
-    return "cosine" if head_name in cosine_like else "linear"
-
-
-def method_kwargs(head_name: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(options)
-    if method == "finetune" and "head" not in kw:
-        kw["head"] = finetune_head_for(head_name)
-    return kw
-
-
 def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | None = None,
              shots: list[int] | None = None, query: int | None = None, episodes: int | None = None,
              method: str | None = None, seed: int | None = None, options: dict[str, Any] | None = None,
@@ -36,7 +19,7 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     from ..config import config_from_checkpoint
     from ..features import cached_split_features
     from ..utils import resolve_device
-    from . import evaluate, format_table
+    from . import evaluate, format_table, method_kwargs_for_head
     ckpt_path = Path(checkpoint)
     if ckpt_path.is_dir():
         ckpt_path = ckpt_path / "best.pt"
@@ -53,7 +36,7 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     for shot in shots or e.shots:
         res = evaluate(feats, labels, way=way or e.way, shot=shot, query=query or e.query,
                        episodes=episodes or e.episodes, method=method, seed=e.seed if seed is None else seed,
-                       class_names=names, device=resolve_device(device), **method_kwargs(cfg.head.name, method, opts))
+                       class_names=names, device=resolve_device(device), **method_kwargs_for_head(cfg.head.name, method, opts))
         res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
         results.append(res)
     log(format_table(results))
