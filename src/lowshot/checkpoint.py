@@ -66,16 +66,21 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``best.pt`` (else ``last.pt``); clear error if none."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; anything that is not plain data is refused, unexecuted."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = resolve_checkpoint_path(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

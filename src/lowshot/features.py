@@ -50,9 +50,8 @@ def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | 
     from .embed import load_for_inference
     from .errors import DataError
     from .utils import resolve_device
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "best.pt"
+    from .checkpoint import resolve_checkpoint_path
+    checkpoint = resolve_checkpoint_path(checkpoint)
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     meta = ckpt["data"]

@@ -20,9 +20,8 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     from ..features import cached_split_features
     from ..utils import resolve_device
     from . import evaluate, format_table, method_kwargs_for_head
-    ckpt_path = Path(checkpoint)
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "best.pt"
+    from ..checkpoint import resolve_checkpoint_path
+    ckpt_path = resolve_checkpoint_path(checkpoint)
     cfg = config_from_checkpoint(load_checkpoint(ckpt_path)["config"])
     e = cfg.eval
     split = split or cfg.data.novel_split

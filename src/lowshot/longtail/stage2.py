@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from ..checkpoint import load_checkpoint, save_checkpoint, write_text_atomic, resolve_checkpoint_path
 from ..config import Config
 from ..data import build_dataset
 from ..data.base import ImageDataset
-from ..errors import CheckpointError, ConfigError, DataError, LowshotError
+from ..errors import ConfigError, DataError, LowshotError
 from ..features import extract_features
 from ..models import Classifier, model_from_checkpoint
 from ..utils import resolve_device
@@ -76,18 +76,6 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the source run
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best.pt, else last.pt, as ``load_checkpoint``)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    return p
-
 
 @dataclass
 class Stage2Context:
