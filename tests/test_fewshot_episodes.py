@@ -93,3 +93,51 @@ def test_two_thousand_episodes_with_many_samples_per_class():
     eps = sample_episodes(labels, 5, 5, 15, 2000, seed=0)
     assert eps.shape == (2000, 5, 20)
     assert eps.unique().numel() > 0.9 * labels.numel()   # draws spread over the whole split
+
+
+# --- within-group episodes (Lake et al.'s within-alphabet protocol) ---------------------------
+
+def _grouped_labels():
+    # 12 classes x 6 samples; groups: A has classes 0-4, B has 5-6 (too small for 3-way), C has 7-11
+    labels = np.repeat(np.arange(12), 6)
+    group_of_class = np.array(["A"] * 5 + ["B"] * 2 + ["C"] * 5)
+    return labels, group_of_class[labels]
+
+
+def test_within_group_episodes_draw_every_class_from_one_group():
+    labels, groups = _grouped_labels()
+    eps = sample_episodes(labels, 3, 1, 2, 400, seed=3, groups=groups)
+    ep_groups = groups[eps.numpy()]                         # [E, way, shot+query]
+    assert (ep_groups == ep_groups[:, :1, :1]).all()        # one group per episode
+    used = set(ep_groups[:, 0, 0].tolist())
+    assert used == {"A", "C"}                               # B has only 2 classes < way
+    frac_a = float((ep_groups[:, 0, 0] == "A").mean())
+    assert 0.4 < frac_a < 0.6                               # groups chosen uniformly
+    cls = labels[eps.numpy()]
+    assert all(len(set(row[:, 0].tolist())) == 3 for row in cls)   # distinct classes
+    assert (cls == cls[:, :, :1]).all()                     # class-major layout kept
+
+
+def test_within_group_episodes_are_seeded_and_ungrouped_draw_is_unchanged():
+    labels, groups = _grouped_labels()
+    a = sample_episodes(labels, 3, 1, 2, 50, seed=7, groups=groups)
+    b = sample_episodes(labels, 3, 1, 2, 50, seed=7, groups=groups.tolist())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample_episodes(labels, 3, 1, 2, 50, seed=8, groups=groups))
+    # one group holding every class behaves like a plain draw of the same classes
+    plain = sample_episodes(labels, 3, 1, 2, 50, seed=7)
+    one = sample_episodes(labels, 3, 1, 2, 50, seed=7, groups=np.zeros(len(labels), dtype=int))
+    assert plain.shape == one.shape
+    assert set(labels[one.numpy()].flatten().tolist()) <= set(range(12))
+
+
+def test_within_group_errors_name_the_groups():
+    labels, groups = _grouped_labels()
+    with pytest.raises(DataError, match=r"'A' \(5\).*'B' \(2\).*'C' \(5\)"):
+        sample_episodes(labels, 6, 1, 2, 10, seed=0, groups=groups)
+    bad = groups.copy()
+    bad[0] = "C"                                            # class 0 split over A and C
+    with pytest.raises(DataError, match="class 0 has samples in more than one group"):
+        sample_episodes(labels, 3, 1, 2, 10, seed=0, groups=bad)
+    with pytest.raises(DataError, match="one id per sample"):
+        sample_episodes(labels, 3, 1, 2, 10, seed=0, groups=groups[:-1])

@@ -58,13 +58,15 @@ def _method(method: str | FewShotMethod, kw: dict[str, Any]) -> tuple[str, FewSh
 def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: int = 15,
              episodes: int = 2000, method: str | FewShotMethod = "finetune", seed: int = 0,
              device: torch.device | str | None = None, class_names: Sequence[str] | None = None,
-             **method_kw: Any) -> dict[str, Any]:
+             groups: Any = None, **method_kw: Any) -> dict[str, Any]:
     """Meta-test ``features`` [N, D] with integer ``labels`` [N] on sampled episodes.
 
     Returns a plain dict: ``mean``, ``ci95``, ``std`` (percent), ``accuracies`` (list of
     per-episode percents), ``way``, ``shot``, ``query``, ``episodes``, ``method``, ``seed``,
     ``seconds`` (sampling + solving).  The same ``seed`` gives the same episodes for every
     method, so methods are compared on identical tasks.  ``device`` e.g. "cuda" moves the work.
+    ``groups`` (one id per sample) draws each episode's classes from one group
+    (see ``sample_episodes``); the result then has ``within: True``.
     """
     if isinstance(query, bool) or not isinstance(query, (int, np.integer)) or query < 1:
         raise ConfigError(f"query must be an integer >= 1, got {query!r}")
@@ -74,14 +76,14 @@ def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: 
     if y.numel() != x.shape[0]:
         raise DataError(f"{x.shape[0]} feature rows but {y.numel()} labels")
     name, solver = _method(method, method_kw)
-    eps = sample_episodes(y, way, shot, query, episodes, seed, class_names=class_names)
+    eps = sample_episodes(y, way, shot, query, episodes, seed, groups=groups, class_names=class_names)
     scores = solver.scores(x, eps, shot, seed)
     truth = episode_labels(way, query, scores.device)
     acc = (scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu()
     mean, std, ci95 = summarize(acc.numpy())
     return {"mean": mean, "ci95": ci95, "std": std, "accuracies": acc.tolist(), "way": way,
             "shot": shot, "query": query, "episodes": episodes, "method": name, "seed": seed,
-            "seconds": time.perf_counter() - t0}
+            "within": groups is not None, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_many(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),
@@ -89,7 +91,8 @@ def evaluate_many(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),
                   methods: Sequence[str | tuple[str, dict[str, Any]] | FewShotMethod] = ("finetune",),
                   query: int = 15, episodes: int = 2000, seed: int = 0,
                   device: torch.device | str | None = None,
-                  class_names: Sequence[str] | None = None, **common_kw: Any) -> list[dict[str, Any]]:
+                  class_names: Sequence[str] | None = None, groups: Any = None,
+                  **common_kw: Any) -> list[dict[str, Any]]:
     """``evaluate`` for every method x way x shot; returns the result dicts in that order.
 
     ``methods`` entries are names, ``(name, options)`` pairs or method instances;
@@ -110,7 +113,7 @@ def evaluate_many(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),
         for w in ways:
             for s in shots:
                 res = evaluate(x, labels, way=w, shot=s, query=query, episodes=episodes,
-                               method=name, seed=seed, class_names=class_names, **kw)
+                               method=name, seed=seed, class_names=class_names, groups=groups, **kw)
                 res["label"] = label
                 out.append(res)
     return out

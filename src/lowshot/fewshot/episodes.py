@@ -53,6 +53,7 @@ def sample_episodes(
     episodes: int,
     seed: int = 0,
     *,
+    groups: Any = None,
     class_names: Sequence[str] | None = None,
 ) -> Tensor:
     """Draw ``episodes`` few-shot tasks; returns LongTensor ``[episodes, way, shot + query]``.
@@ -62,6 +63,11 @@ def sample_episodes(
     must have at least ``shot + query`` samples — we refuse rather than silently dropping
     classes, because that would change the task distribution behind the reported accuracy.
     ``class_names[i]`` (optional) names label value ``i`` in error messages.
+
+    ``groups`` (optional, one id per sample: ints or strings, e.g. the Omniglot alphabet) makes
+    every episode draw all of its ``way`` classes from one group, the group chosen uniformly
+    among the groups with at least ``way`` classes (Lake et al.'s within-alphabet protocol).
+    Every sample of a class must carry the same group id.
     """
     way = _check_int("way", way, 1)
     shot = _check_int("shot", shot, 1)
@@ -85,6 +91,16 @@ def sample_episodes(
     gen = torch.Generator().manual_seed(seed)
     # Distinct classes per episode: the `way` smallest of K iid keys (uniform subset, random order).
     class_keys = torch.rand(episodes, k, generator=gen, dtype=torch.float64)
+    if groups is not None:
+        class_group, group_names = _class_groups(groups, inverse, k, classes, class_names)
+        sizes = torch.bincount(class_group, minlength=len(group_names))
+        eligible = (sizes >= way).nonzero().flatten()
+        if eligible.numel() == 0:
+            listing = ", ".join(f"{group_names[g]!r} ({int(sizes[g])})" for g in range(len(group_names)))
+            raise DataError(f"within-group {way}-way episodes need a group with at least {way} classes; "
+                            f"classes per group: {listing}")
+        pick = eligible[torch.randint(eligible.numel(), (episodes,), generator=gen)]   # [E]
+        class_keys.masked_fill_(class_group.unsqueeze(0) != pick.unsqueeze(1), 2.0)   # other groups never win
     chosen = class_keys.topk(way, dim=1, largest=False, sorted=True).indices  # [E, way]
 
     order = torch.argsort(inverse, stable=True)            # sample ids grouped by class
@@ -101,6 +117,22 @@ def sample_episodes(
         ranks = keys.topk(need, dim=-1, largest=False, sorted=True).indices
         out[s:s + step] = order[offsets[chosen[s:s + step]].unsqueeze(-1) + ranks]
     return out
+
+
+def _class_groups(groups: Any, inverse: Tensor, k: int, classes: Tensor,
+                  class_names: Sequence[str] | None) -> tuple[Tensor, list[Any]]:
+    """Group index per class (``[K]``) and the group names; refuses a class split over groups."""
+    values = np.asarray(groups.detach().cpu() if isinstance(groups, Tensor) else groups)
+    if values.ndim != 1 or values.shape[0] != inverse.numel():
+        raise DataError(f"groups must give one id per sample ({inverse.numel()}), got shape {values.shape}")
+    names, codes = np.unique(values, return_inverse=True)
+    codes_t = torch.as_tensor(codes.astype(np.int64))
+    per_class = torch.full((k,), -1, dtype=torch.int64)
+    per_class.scatter_(0, inverse, codes_t)               # last writer wins; checked next
+    if bool((per_class[inverse] != codes_t).any()):
+        bad = int(inverse[(per_class[inverse] != codes_t).nonzero()[0]])
+        raise DataError(f"{_class_desc(int(classes[bad]), class_names)} has samples in more than one group")
+    return per_class, list(names.tolist())
 
 
 def episode_labels(way: int, count: int, device: torch.device | str | None = None) -> Tensor:
