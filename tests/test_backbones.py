@@ -229,3 +229,38 @@ def test_unknown_backbone_and_option() -> None:
         create_backbone("conv4", in_channels=0)
     with pytest.raises(ConfigError, match="drop_rate"):
         create_backbone("resnet12", drop_rate=1.5)
+
+
+def _record_block_rates(net: torch.nn.Module) -> list[list[float]]:
+    """Spy on the rate each ResNet-12 block receives; one list per forward pass."""
+    seen: list[list[float]] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if module is net.blocks[0]:
+            seen.append([])
+        seen[-1].append(float(args[1]))
+
+    for block in net.blocks:
+        block.register_forward_pre_hook(hook)
+    return seen
+
+
+def test_resnet12_ramp_is_dropblock_only_and_follows_the_global_step() -> None:
+    """bl0 lib/backbone/resnet12.py:62-69: only the DropBlock branch (blocks 3-4) ramps from 0 over
+    the ramp; the dropout of blocks 1-2 runs at the full rate from step 0."""
+    torch.manual_seed(0)
+    net = create_backbone("resnet12", drop_rate=0.1, dropblock_ramp_steps=4, widths=(4, 4, 8, 8)).train()
+    seen = _record_block_rates(net)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        net(x)                      # step 0 (fresh)
+        net.set_train_step(2)
+        net(x)                      # global step 2
+        net(x)                      # step 3 (forward passes count on from the set step)
+        net.set_train_step(40)
+        net(x)
+    assert seen[0] == pytest.approx([0.1, 0.1, 0.0, 0.0])
+    assert seen[1] == pytest.approx([0.1, 0.1, 0.05, 0.05])
+    assert seen[2] == pytest.approx([0.1, 0.1, 0.075, 0.075])
+    assert seen[3] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert int(net.state_dict()["num_steps"]) == 41  # the step after the last one, checkpointed

@@ -100,3 +100,22 @@ def test_mini_imagenet_all_split_joins_the_three_class_sets(tmp_path):
     cached = build_dataset("mini_imagenet", "all", root=str(cache))
     assert cached.class_names == all_.class_names and torch.bincount(cached.labels).tolist() == [2] * 5
     assert int(cached[int(torch.nonzero(cached.labels == 4)[0])][0][0, 0, 0]) == len("val")  # n05 is in val
+
+
+@pytest.mark.parametrize("name", ["mini_resnet12", "tiered_resnet12", "cub_resnet12"])
+def test_mmfewshot_resnet12_recipes_train_without_dropout(name):
+    """mmfewshot builds ResNet12 with its default drop_rate=0.0 (backbones/resnet12.py:113)."""
+    cfg = load_config(ROOT / "configs" / "neg_margin" / f"{name}.yaml")
+    net = build_model(cfg, 5, 3, 84).backbone
+    assert net.drop_rate == 0.0 and net.block_rates() == [0.0] * 4
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_official_resnet12_recipes_ramp_dropblock_over_40k_steps(shot):
+    """bl0 lib/backbone/resnet12.py:65: DropBlock ramps over 20 * 2000 steps; scripts set drop_rate 0.1."""
+    cfg = load_config(ROOT / "configs" / "neg_margin" / f"mini_resnet12_official_{shot}shot.yaml")
+    net = build_model(cfg, 5, 3, 84).backbone.train()
+    assert net.drop_rate == 0.1 and net.dropblock_ramp_steps == 40000
+    assert net.block_rates() == pytest.approx([0.1, 0.1, 0.0, 0.0])
+    net.set_train_step(20000)
+    assert net.block_rates() == pytest.approx([0.1, 0.1, 0.05, 0.05])

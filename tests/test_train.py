@@ -145,3 +145,32 @@ def test_best_checkpoint_compares_one_metric_only(tmp_path, tiny_fmnist_override
     assert recs[0]["best"] is False and recs[1]["best"] is True
     best_val = max(r["val_mean"] for r in recs if "val_mean" in r)
     assert load_checkpoint(tmp_path / "r" / "best.pt")["best"] == best_val
+
+
+@needs_fmnist
+def test_dropblock_ramp_counts_global_steps_across_resume(tmp_path, tiny_fmnist_overrides, monkeypatch):
+    """The ResNet-12 DropBlock ramp follows the trainer's global step, also after a resume, and only
+    DropBlock (blocks 3-4) ramps (bl0 lib/backbone/resnet12.py:62-69)."""
+    from lowshot.backbones.resnet12 import ResNet12Block
+    rates: list[tuple[float, ...]] = []
+    original = ResNet12Block.forward
+
+    def spy(self, x, drop_rate=0.0):
+        if self.training:
+            rates.append((self.dropblock is not None, float(drop_rate)))
+        return original(self, x, drop_rate)
+
+    monkeypatch.setattr(ResNet12Block, "forward", spy)
+    kw = ["model.backbone=resnet12", "val.every=0", "train.checkpoint_every=4",
+          "model.backbone_kwargs={widths: [4, 4, 8, 8], drop_rate: 0.2, dropblock_ramp_steps: 30}"]
+    cfg = _cfg(tiny_fmnist_overrides + kw)
+    train(cfg, tmp_path / "part", log=quiet, stop_after_steps=13)
+    ck = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert ck["step"] == 12 and int(ck["model"]["num_steps"]) == 12
+    rates.clear()
+    train(Config(), tmp_path / "part", resume=True, log=quiet)  # steps 12..17
+    drop = [r for db, r in rates if not db]
+    block = [r for db, r in rates if db]
+    assert drop == pytest.approx([0.2] * len(drop)) and len(drop) == 2 * 6
+    assert block[::2] == pytest.approx([0.2 * s / 30 for s in range(12, 18)])
+    assert int(load_checkpoint(tmp_path / "part" / "last.pt")["model"]["num_steps"]) == 18

@@ -372,6 +372,8 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
     last: dict[str, Any] = {}
     num_classes = train_set.num_classes
     lr = lr_at(step, steps_per_epoch, t.epochs, cfg.optim.lr, cfg.schedule)
+    # step-driven backbone schedules (ResNet-12's DropBlock ramp) follow the global step, so resume is exact
+    set_train_step = getattr(model.backbone, "set_train_step", None)
     forward.train()
     while epoch < t.epochs:
         # -- one epoch: the global order is fixed by (seed, epoch); this rank takes every R-th position
@@ -385,6 +387,8 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
             lr = lr_at(step, steps_per_epoch, t.epochs, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if set_train_step is not None:
+                set_train_step(step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = train_tf(x)
             if t.channels_last:

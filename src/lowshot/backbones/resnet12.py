@@ -4,8 +4,19 @@ Four residual blocks of widths 64-160-320-640; each block is 3 x (conv3x3 + BN) 
 LeakyReLU(0.1), a 1x1 conv + BN shortcut, and a 2x2 max-pool. Global average pooling gives
 a 640-d embedding (84 px inputs end at 5x5). Regularisation follows MetaOptNet and the
 Negative-Margin code: DropBlock (block 5) after blocks 3-4, plain dropout after blocks 1-2,
-both at ``drop_rate`` and only in training. With ``dropblock_ramp_steps > 0`` the rate ramps
-linearly from 0 over that many training forward passes (MetaOptNet ramps over 40 000).
+both at ``drop_rate`` and only in training.
+
+DropBlock ramp (``dropblock_ramp_steps > 0``): the DropBlock rate of blocks 3-4 grows linearly
+from 0 to ``drop_rate`` over that many training steps; the dropout of blocks 1-2 stays at the
+full rate from step 0. That is bl0/negative-margin.few-shot lib/backbone/resnet12.py:62-69
+(``keep_rate = max(1 - drop_rate / (20 * 2000) * num_batches_tracked, 1 - drop_rate)`` only in
+the ``drop_block`` branch, ``F.dropout(p=drop_rate)`` otherwise; the step count is the block's
+BatchNorm ``num_batches_tracked``, read before this batch updates it, :42), i.e. a 40 000-step
+ramp; mmfewshot's copy (mmfewshot/classification/models/backbones/resnet12.py:77-87) is the same
+code, but its recipes build the backbone with its default ``drop_rate=0.0`` (:113), so no
+dropout at all. The step is the trainer's global step (``set_train_step``, called by
+``lowshot.train`` before every forward pass); without a trainer each training forward pass
+counts one step. It lives in the ``num_steps`` buffer, so checkpoints resume the ramp exactly.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ class ResNet12(nn.Module):
         )
         self.drop_rate = float(drop_rate)
         self.dropblock_ramp_steps = dropblock_ramp_steps
-        # Training forward passes seen: drives the ramp and is checkpointed with the weights.
+        # Training steps seen: drives the ramp and is checkpointed with the weights.
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         # Host-side mirror of num_steps so the schedule never forces a GPU sync; it is
         # re-read from the buffer after load_state_dict.
@@ -98,8 +109,21 @@ class ResNet12(nn.Module):
         self.out_dim = chans[-1]
         init_conv_bn(self, nonlinearity="leaky_relu")
 
+    def set_train_step(self, step: int) -> None:
+        """Set the global training step the next forward pass runs at (drives the ramp).
+
+        Called by the trainer before every step, so the ramp follows the global step (also after
+        a resume or under DDP) rather than however many forward passes this module happened to see.
+        """
+        if self.dropblock_ramp_steps <= 0:
+            return
+        step = int(step)
+        if self._steps != step:
+            self._steps = step
+            self.num_steps.fill_(step)
+
     def current_drop_rate(self) -> float:
-        """The drop rate this training step uses (ramped linearly when requested)."""
+        """The DropBlock rate (blocks 3-4) this training step uses, ramped linearly when requested."""
         if self.dropblock_ramp_steps <= 0:
             return self.drop_rate
         if self._steps is None:
@@ -107,18 +131,23 @@ class ResNet12(nn.Module):
         frac = min(1.0, self._steps / self.dropblock_ramp_steps)
         return self.drop_rate * frac
 
+    def block_rates(self) -> list[float]:
+        """Per-block drop rates of the current training step: dropout (1-2) full, DropBlock (3-4) ramped."""
+        ramped = self.current_drop_rate()
+        return [ramped if block.dropblock is not None else self.drop_rate for block in self.blocks]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        rate = 0.0
+        rates = [0.0] * len(self.blocks)
         if self.training:
             if self.drop_rate > 0.0:
-                rate = self.current_drop_rate()
+                rates = self.block_rates()
             if self.dropblock_ramp_steps > 0:
                 if self._steps is None:
                     self._steps = int(self.num_steps)
                 self._steps += 1
                 self.num_steps += 1
         x = images
-        for block in self.blocks:
+        for block, rate in zip(self.blocks, rates):
             x = block(x, rate)
         return x.mean(dim=(2, 3))
 
