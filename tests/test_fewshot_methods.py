@@ -175,6 +175,47 @@ def test_finetune_head_follows_training_head_family():
     from lowshot.fewshot import method_kwargs_for_head
     assert method_kwargs_for_head("neg_cosine", "finetune", {}) == {"head": "cosine"}
     assert method_kwargs_for_head("arcface", "finetune", {"steps": 10}) == {"head": "cosine", "steps": 10}
-    assert method_kwargs_for_head("neg_softmax", "finetune", {}) == {"head": "linear"}
+    # bl0 meta-tests a neg-softmax model with its own metric at scale 5, margin 0, no bias
+    assert method_kwargs_for_head("neg_softmax", "finetune", {}) == {"head": "linear", "bias": False, "scale": 5.0}
+    assert method_kwargs_for_head("neg_softmax", "finetune", {"scale": 10.0}) == {
+        "head": "linear", "bias": False, "scale": 10.0}
+    assert method_kwargs_for_head("linear", "finetune", {}) == {"head": "linear"}  # nn.Linear: bias, scale 1
+    assert method_kwargs_for_head("softmax", "finetune", {}) == {"head": "linear"}
+    assert method_kwargs_for_head("virtual_softmax", "finetune", {}) == {"head": "linear", "bias": False}
+    assert method_kwargs_for_head("neg_softmax", "finetune", {"head": "cosine"}) == {"head": "cosine"}
     assert method_kwargs_for_head("virtual_softmax", "finetune", {"head": "cosine"}) == {"head": "cosine"}
     assert method_kwargs_for_head("cosine", "ncm", {"metric": "l2"}) == {"metric": "l2"}
+
+
+def test_head_family_is_declared_at_registration():
+    """A plug-in head names its family when registered; fewshot/api.py holds no list of names."""
+    from lowshot.fewshot import method_kwargs_for_head
+    from lowshot.heads import HEADS, head_family, register_head
+    from lowshot.heads.linear import LinearHead
+
+    @register_head("test_family_plugin", family="neg_softmax")
+    def plugin(num_classes, embedding_size):
+        return LinearHead(num_classes, embedding_size, bias=False)
+
+    try:
+        assert head_family("test_family_plugin") == "neg_softmax"
+        assert head_family("arcface") == "cosine" and head_family("neg_cosine") == "cosine"
+        assert head_family("not_a_head") == "linear"
+        assert method_kwargs_for_head("test_family_plugin", "finetune") == {"head": "linear", "bias": False,
+                                                                             "scale": 5.0}
+        with pytest.raises(ValueError, match="family"):
+            register_head("test_family_bad", family="nope")
+    finally:
+        HEADS._items.pop("test_family_plugin", None)
+
+
+def test_validation_and_sweeps_use_the_family_fine_tune_head():
+    """Validation during training and sweeps go through train._fewshot_method_kwargs."""
+    from lowshot.config import load_config
+    from lowshot.fewshot.evaluators import create_method
+    from lowshot.train import _fewshot_method_kwargs
+    cfg = load_config(None, ["head.name=neg_softmax"])
+    kw = _fewshot_method_kwargs(cfg, "finetune", {"preset": "bl0"})
+    assert kw == {"preset": "bl0", "head": "linear", "bias": False, "scale": 5.0}
+    solver = create_method("finetune", **kw)
+    assert (solver.config.head, solver.config.bias, solver.config.scale) == ("linear", False, 5.0)

@@ -23,9 +23,6 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 
-COSINE_HEADS = ("cosine", "neg_cosine", "cosface", "normface", "arcface")
-
-
 @dataclass
 class ClassStatistics:
     """Result of :func:`class_statistics` (float64 tensors on CPU)."""
@@ -97,7 +94,8 @@ def class_statistics(features: Tensor, labels: Tensor, *, normalize: bool = Fals
 
 def headline_space(head_name: str) -> str:
     """The space whose phi is quoted first: the one the training head classifies in."""
-    return "l2" if head_name in COSINE_HEADS else "raw"
+    from ..heads import head_family
+    return "l2" if head_family(head_name) == "cosine" else "raw"
 
 
 def discriminability(features: Tensor, labels: Tensor, head_name: str | None = None) -> dict[str, Any]:

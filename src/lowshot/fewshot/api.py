@@ -136,17 +136,17 @@ def format_table(results: Sequence[dict[str, Any]], digits: int = 2) -> str:
     return "\n".join([head, rule, *body])
 
 
-COSINE_FAMILY = frozenset({"cosine", "neg_cosine", "cosface", "normface", "arcface"})
-
-
 def method_kwargs_for_head(train_head: str, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Method options for features of a model trained with ``train_head``.
 
-    The Negative-Margin protocol fine-tunes a fresh head of the training head's family with margin 0
-    (cosine-like heads -> ``cosine``, scale 5; softmax-like heads -> ``linear``) unless ``head`` is given.
+    The Negative-Margin protocol fine-tunes a fresh head of the training head's family with margin 0;
+    the family is what the head declared at registration (``lowshot.heads.head_family``) and fixes the
+    fine-tune head, bias and scale (``lowshot.heads.registry.FAMILY_FINETUNE``, e.g. neg_softmax ->
+    linear without bias at scale 5). An explicit ``head`` in ``options`` wins and gets no family defaults.
     """
+    from ..heads import finetune_head_options
     kw = dict(options or {})
     if method == "finetune" and "head" not in kw:
-        kw["head"] = "cosine" if train_head in COSINE_FAMILY else "linear"
+        for key, value in finetune_head_options(train_head).items():
+            kw.setdefault(key, value)
     return kw
-

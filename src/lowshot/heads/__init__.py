@@ -21,7 +21,7 @@ from . import linear, margin, virtual  # noqa: F401  (import registers the facto
 from . import ncm  # noqa: F401  (nearest-class-mean head, lowshot.longtail's NCM as a head)
 from .linear import LinearHead, NegSoftmaxHead
 from .margin import ArcFaceHead, CosineHead, arc_margin
-from .registry import HEADS, Head, create_head, list_heads, register_head
+from .registry import HEADS, Head, create_head, finetune_head_options, head_family, list_heads, register_head
 from .virtual import VirtualSoftmaxHead
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "VirtualSoftmaxHead",
     "arc_margin",
     "create_head",
+    "finetune_head_options",
+    "head_family",
     "list_heads",
     "register_head",
 ]

@@ -56,13 +56,13 @@ class NegSoftmaxHead(Head):
         )
 
 
-@register_head("linear", "softmax")
+@register_head("linear", "softmax", family="linear")
 def linear(num_classes: int, embedding_size: int, bias: bool = True) -> LinearHead:
     """Plain linear classifier (bias on by default, like ``nn.Linear``)."""
     return LinearHead(num_classes, embedding_size, bias=bool(bias))
 
 
-@register_head("neg_softmax")
+@register_head("neg_softmax", family="neg_softmax")
 def neg_softmax(
     num_classes: int,
     embedding_size: int,
@@ -72,8 +72,12 @@ def neg_softmax(
 ) -> NegSoftmaxHead:
     """Neg-Softmax. Defaults follow the official code's mini-ImageNet ResNet-18 recipe.
 
-    scale 5.0 (``configs/*/exp_neg-softmax.yml``), margin -0.3 (``script/.../
-    miniImagenet_neg-softmax_*.sh``; CUB uses -0.05, ResNet-12 uses -0.1 with scale 10),
-    no bias (the official layer has none).
+    scale 5.0 (bl0 ``configs/{miniImagenet,CUB}/exp_neg-softmax.yml``), margin -0.3 (mini-ImageNet
+    ResNet-18, 1- and 5-shot: ``script/resnet18/miniImagenet_neg-softmax_1-shot.sh:9``,
+    ``script/miniImagenet_neg-softmax_5-shot.sh:9``), no bias (``lib/metric.py`` SoftmaxMargin has
+    none). The other official recipes: CUB ResNet-18 -0.05 (1-shot,
+    ``script/resnet18/CUB_neg-softmax_1-shot.sh:9``) and -0.005 (5-shot,
+    ``script/CUB_neg-softmax_5-shot.sh:9``); mini-ImageNet ResNet-12 -0.01 (1-shot) and -0.1 (5-shot),
+    both at scale 10 (``script/resnet12/miniImagenet_neg-softmax_{1,5}-shot.sh:9-10``).
     """
     return NegSoftmaxHead(num_classes, embedding_size, margin, scale, bool(bias))

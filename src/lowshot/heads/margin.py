@@ -111,18 +111,21 @@ class ArcFaceHead(_AngularHead):
         return self.scale * cos
 
 
-@register_head("cosine", "neg_cosine", "cosface", "normface")
+@register_head("cosine", "neg_cosine", "cosface", "normface", family="cosine")
 def cosine(
     num_classes: int, embedding_size: int, margin: float = 0.0, scale: float = 30.0
 ) -> CosineHead:
-    """Cosine classifier. scale 30 = the official Neg-Margin default (``lib/config.py``
-    ``metric_params.scale_factor``) and mmfewshot's NegMarginHead ``temperature``; their
-    ResNet-12 recipes use 10, the fine-tuning stage 5. margin 0 (pass e.g. -0.05 for the
-    paper's mini-ImageNet Neg-Cosine, 0.35 for CosFace)."""
+    """Cosine classifier. scale 30 = the official Neg-Margin training scale for every backbone
+    (bl0 ``lib/config.py:80`` ``metric_params.scale_factor=30.0``; no neg-cosine script or config
+    overrides it) and the default ``temperature`` of mmfewshot's NegMarginHead
+    (``heads/neg_margin_head.py:30``), but every mmfewshot neg_margin recipe, Conv4 and ResNet-12
+    alike, trains at temperature 10 (e.g. ``neg-margin_cosine_conv4_1xb64_mini-imagenet_5way-1shot.py:50``);
+    both meta-test at 5. margin 0 (pass e.g. -0.02 for the official mini-ImageNet ResNet-12
+    Neg-Cosine 1-shot recipe, 0.35 for CosFace)."""
     return CosineHead(num_classes, embedding_size, margin, scale)
 
 
-@register_head("arcface")
+@register_head("arcface", family="cosine")
 def arcface(
     num_classes: int, embedding_size: int, margin: float = 0.5, scale: float = 64.0
 ) -> ArcFaceHead:

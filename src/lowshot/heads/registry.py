@@ -21,10 +21,61 @@ from ..registry import Registry
 
 HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
 
+# The meta-test (per-episode fine-tune) head of each head family. The Negative-Margin code
+# fine-tunes a fresh head of the TRAINING head's metric type with ``metric_params_test``
+# (bl0/negative-margin.few-shot lib/model.py:58 ``get_linear_clf(self.metric_type, ...,
+# **self.metric_params)``, main.py:171-175 ``metric_type=cfg.method.metric,
+# metric_params=cfg.method.metric_params_test``, lib/config.py:83-86 ``scale_factor=5,
+# margin=0.0``), so:
+# * ``linear``: ``nn.Linear`` with bias at scale 1 (lib/model.py:10-11 ignores scale/margin);
+# * ``neg_softmax``: ``SoftmaxMargin(scale 5, margin 0)``, no bias (lib/model.py:16-17, lib/metric.py SoftmaxMargin,
+#   whose row-min shift cancels in the softmax) = our linear head, bias=False, scale=5;
+# * ``cosine``: ``CosineSimilarity`` / ``AddMarginProduct`` at scale 5, margin 0 (the fine-tune
+#   cosine head's default scale is 5); ArcFace at margin 0 is the same cosine head;
+# * ``virtual_softmax`` (not in bl0): its test-time logits are ``W x`` (no bias, scale 1) and the
+#   virtual class is a training device, so the fresh head is linear, bias=False, scale 1.
+FAMILY_FINETUNE: dict[str, dict[str, Any]] = {
+    "linear": {"head": "linear"},
+    "neg_softmax": {"head": "linear", "bias": False, "scale": 5.0},
+    "cosine": {"head": "cosine"},
+    "virtual_softmax": {"head": "linear", "bias": False},
+}
+DEFAULT_FAMILY = "linear"
+_FAMILY_OF: dict[str, str] = {}
 
-def register_head(name: str | None = None, *aliases: str) -> Callable[[Any], Any]:
-    """Decorator: register a factory ``f(num_classes, embedding_size, **kw) -> Head``."""
-    return HEADS.register(name, *aliases)
+
+def register_head(name: str | None = None, *aliases: str, family: str | None = None) -> Callable[[Any], Any]:
+    """Decorator: register a factory ``f(num_classes, embedding_size, **kw) -> Head``.
+
+    ``family`` (one of ``FAMILY_FINETUNE``) says which fresh head meta-tests a model trained
+    with this head (``head_family``); heads registered without one count as ``linear``.
+    """
+    if family is not None and family not in FAMILY_FINETUNE:
+        raise ValueError(f"head family {family!r} is not one of {sorted(FAMILY_FINETUNE)}")
+    register = HEADS.register(name, *aliases)
+
+    def deco(fn: Any) -> Any:
+        out = register(fn)
+        if family is not None:
+            _FAMILY_OF[name or fn.__name__] = family
+        return out
+
+    return deco
+
+
+def head_family(name: str) -> str:
+    """The family a registered head (or alias) declared; ``linear`` when it declared none or is unknown."""
+    try:
+        canonical = HEADS.canonical(name)
+    except ConfigError:
+        return DEFAULT_FAMILY
+    return _FAMILY_OF.get(canonical, DEFAULT_FAMILY)
+
+
+def finetune_head_options(name: str) -> dict[str, Any]:
+    """Fine-tune options (``head``, and ``bias`` / ``scale`` where they differ from the defaults)
+    that meta-test features of a model trained with head ``name``, as the official code does."""
+    return dict(FAMILY_FINETUNE[head_family(name)])
 
 
 def list_heads() -> list[str]:

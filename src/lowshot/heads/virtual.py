@@ -49,7 +49,7 @@ class VirtualSoftmaxHead(Head):
         return f"{super().extra_repr()}, detach_virtual={self.detach_virtual}"
 
 
-@register_head("virtual_softmax", "virtual")
+@register_head("virtual_softmax", "virtual", family="virtual_softmax")
 def virtual_softmax(
     num_classes: int, embedding_size: int, detach_virtual: bool = False
 ) -> VirtualSoftmaxHead:
