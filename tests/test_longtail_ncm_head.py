@@ -32,27 +32,30 @@ def test_l2_and_cosine_hand_values() -> None:
     torch.testing.assert_close(head.train()(x, torch.tensor([0, 1])), expected)  # no margin in training
     cos = create_head("ncm", 2, 2, metric="cosine")
     cos.load_state_dict(head.state_dict())
-    # cos(q, mu / |mu|): [.6,.8].[1,0] = .6, [.6,.8].[0,1] = .8; [0,1] -> 0, 1
-    torch.testing.assert_close(cos.eval()(x), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    # official "cos" (KNNClassifier.py:77-81): q . mu, mu NOT re-normalised:
+    # [.6,.8].[1,0] = .6, [.6,.8].[0,.5] = .4; [0,1] -> 0, .5
+    torch.testing.assert_close(cos.eval()(x), torch.tensor([[0.6, 0.4], [0.0, 0.5]]))
 
 
 def test_fit_hand_values_center_is_mean_of_class_means() -> None:
     x = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 0.0], [0.0, 3.0]])
     y = torch.tensor([0, 0, 0, 1])
-    head = create_head("ncm", 2, 2).fit(x, y)
+    head = create_head("ncm", 2, 2).fit(x, y, center="class_mean")
     # class means [4, 0] and [0, 3]; centre = their mean [2, 1.5] (not the feature mean [3, .75])
     torch.testing.assert_close(head.center, torch.tensor([2.0, 1.5]))
     d = torch.tensor([[0.0, -1.5], [2.0, -1.5], [4.0, -1.5]])
     q0 = d / d.norm(dim=1, keepdim=True)  # [0,-1], [.8,-.6], [.9363,-.3511]
     q1 = torch.tensor([[-2.0, 1.5]]) / 2.5
     torch.testing.assert_close(head.weight, torch.cat([q0.mean(0, keepdim=True), q1]))
-    means, center = ncm_classifier(x, y)
+    means, center = ncm_classifier(x, y, center="class_mean")
     torch.testing.assert_close(head.weight, means)
     torch.testing.assert_close(head.center, center)
     plain = create_head("ncm", 2, 2).fit(x, y, center=False)
     assert torch.equal(plain.center, torch.zeros(2))
-    cos = create_head("ncm", 2, 2, metric="cosine").fit(x, y)
-    torch.testing.assert_close(cos.weight.norm(dim=1), torch.ones(2))
+    official = create_head("ncm", 2, 2).fit(x, y)  # default: mean of all features [3, .75]
+    torch.testing.assert_close(official.center, torch.tensor([3.0, 0.75]))
+    cos = create_head("ncm", 2, 2, metric="cosine").fit(x, y, center="class_mean")
+    torch.testing.assert_close(cos.weight, head.weight)  # class means not re-normalised (official)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

@@ -2,15 +2,26 @@
 
 Holding the class means as ``.weight`` makes an NCM classifier an ordinary checkpoint entry:
 ``model_from_checkpoint`` rebuilds it, ``lowshot embed`` / ``eval`` use it unchanged. Features
-are centred by the ``center`` buffer and L2-normalised, then
+are centred by the ``center`` buffer and L2-normalised (q = normalize(x - center)), then
 
-* ``metric="l2"``: logit_j = -||q - mu_j||^2 with q = normalize(x - center);
-* ``metric="cosine"``: logit_j = cos(q, mu_j).
+* ``metric="l2"``: logit_j = -||q - mu_j||^2;
+* ``metric="cosine"``: logit_j = q . mu_j with the class means NOT re-normalised, as in the
+  official code (facebookresearch/classifier-balancing models/KNNClassifier.py:54-55 leave the
+  centroid normalisation commented out; ``cos_similarity`` :77-81 is ``q . mu_j / feat_dim``,
+  whose constant 1 / feat_dim changes no prediction and is left out here).
 
-``fit(features, labels)`` sets ``center`` to the mean of the per-class means (not of all
-features, which on a long-tailed set is dominated by head classes) and ``weight`` to the class
-means of the centred, normalised features. The head has no margin; it is differentiable in
-both ``x`` and ``weight`` so it can also be fine-tuned like a prototype layer.
+``fit(features, labels, center=...)`` sets ``weight`` to the class means of the centred,
+normalised training features and ``center`` to
+
+* ``"all"`` (default, the official one): the mean of ALL training features
+  (run_networks.py ``get_knncentroids``: ``featmean = feats.mean(axis=0)``, the ``cl2n`` centre);
+* ``"class_mean"``: the mean of the per-class means, which a long-tailed set's head classes do
+  not dominate (lowshot's earlier default);
+* ``"none"``: no centring (the official ``l2n`` features). ``True`` / ``False`` mean ``"all"`` /
+  ``"none"``.
+
+The head has no margin; it is differentiable in both ``x`` and ``weight`` so it can also be
+fine-tuned like a prototype layer.
 """
 
 from __future__ import annotations
@@ -22,6 +33,26 @@ from ..errors import ConfigError, DataError
 from .registry import Head, register_head
 
 NCM_METRICS = ("l2", "cosine")
+NCM_CENTERS = ("all", "class_mean", "none")
+
+
+def resolve_center(center: str | bool) -> str:
+    """``"all"`` | ``"class_mean"`` | ``"none"`` from a name or a bool (True = the official "all")."""
+    if isinstance(center, bool):
+        return "all" if center else "none"
+    if center not in NCM_CENTERS:
+        raise ConfigError(f"NCM center must be one of {NCM_CENTERS} (or true/false), got {center!r}")
+    return center
+
+
+def ncm_center(features: torch.Tensor, class_means: torch.Tensor, center: str | bool) -> torch.Tensor:
+    """The centre [D] subtracted before normalising (see the module docstring)."""
+    mode = resolve_center(center)
+    if mode == "all":
+        return features.mean(dim=0)
+    if mode == "class_mean":
+        return class_means.mean(dim=0)
+    return torch.zeros(features.shape[1], dtype=features.dtype, device=features.device)
 
 
 def ncm_logits(
@@ -29,14 +60,14 @@ def ncm_logits(
 ) -> torch.Tensor:
     """Scores [N, C] (higher is closer) of centred, L2-normalised features against class means."""
     q = F.normalize(features - center, dim=1)
-    if metric == "cosine":
-        return q @ F.normalize(means, dim=1).t()
+    if metric == "cosine":  # the official "cos": class means as stored, not re-normalised
+        return q @ means.t()
     # -||q - mu||^2 expanded: one matmul instead of an [N, C, D] difference tensor
     return 2.0 * q @ means.t() - (q * q).sum(1, keepdim=True) - (means * means).sum(1)[None, :]
 
 
 class NCMHead(Head):
-    """logits = -||normalize(x - center) - mu_j||^2 (``l2``) or cos(normalize(x - center), mu_j)."""
+    """logits = -||normalize(x - center) - mu_j||^2 (``l2``) or normalize(x - center) . mu_j (``cosine``)."""
 
     head_name = "ncm"
 
@@ -52,7 +83,7 @@ class NCMHead(Head):
         return ncm_logits(features, self.weight, self.center.to(features.dtype), self.metric)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, center: bool = True) -> NCMHead:
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, center: str | bool = "all") -> NCMHead:
         """Set ``center`` and the class means from training features; every class needs one."""
         f = torch.as_tensor(features).to(self.weight)
         y = torch.as_tensor(labels).reshape(-1).long().to(f.device)
@@ -72,10 +103,8 @@ class NCMHead(Head):
             sums = torch.zeros(self.num_classes, x.shape[1], dtype=x.dtype, device=x.device)
             return sums.index_add_(0, y, x) / counts.to(x)[:, None]
 
-        mu = class_means(f).mean(dim=0) if center else torch.zeros_like(self.center)
+        mu = ncm_center(f, class_means(f), center)
         means = class_means(F.normalize(f - mu, dim=1))
-        if self.metric == "cosine":
-            means = F.normalize(means, dim=1)
         self.center.copy_(mu)
         self.weight.copy_(means)
         return self

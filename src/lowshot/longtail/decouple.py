@@ -8,7 +8,8 @@ representation and only rebalances the classifier:
 * LWS (learnable weight scaling): logits = s_i * (w_i . f + b_i), only s trained, class-balanced;
 * cRT (classifier re-training): re-initialise the linear classifier and train it with
   class-balanced sampling on frozen features;
-* NCM: nearest class mean on centred, L2-normalised features.
+* NCM: nearest class mean on centred, L2-normalised features (centred on the mean of all
+  training features, as the official code; ``center="class_mean"`` is the alternative).
 
 Everything here takes tensors / modules explicitly and is deterministic in ``seed``. Features are
 float tensors [N, D]. Because the backbone is frozen, LWS and ``retrain_crt`` train on cached
@@ -267,13 +268,16 @@ _METRICS = ("l2", "cosine")
 
 
 def ncm_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, metric: str = "l2",
-                   center: bool = True, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   center: str | bool = "all", num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Class means of centred, L2-normalised training features: ``(means [C, D], center [D])``.
 
-    The centre is the mean of the per-class means, not of all features: on a long-tailed set the
-    plain mean is dominated by head classes, which would leave head means near the origin after
-    centring. ``center=False`` gives a zero centre. For ``"cosine"`` the means are normalised too.
+    ``center="all"`` (default) is the official centre, the mean of ALL training features
+    (classifier-balancing run_networks.py ``get_knncentroids``: ``featmean = feats.mean(axis=0)``);
+    ``"class_mean"`` uses the mean of the per-class means instead (on a long-tailed set the plain mean
+    is dominated by head classes); ``"none"`` (or False) does not centre. The means are never
+    re-normalised, also for ``"cosine"``, as in the official KNNClassifier.py:54-55.
     """
+    from ..heads.ncm import ncm_center
     if metric not in _METRICS:
         raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
     f, y = _check_features(train_features, train_labels, "NCM training")
@@ -289,21 +293,19 @@ def ncm_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, met
         sums = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
         return sums / counts.to(x)[:, None]
 
-    mu = class_means(f).mean(dim=0) if center else torch.zeros(f.shape[1], dtype=f.dtype, device=f.device)
-    means = class_means(F.normalize(f - mu, dim=1))
-    if metric == "cosine":
-        means = F.normalize(means, dim=1)
-    return means, mu
+    mu = ncm_center(f, class_means(f), center)
+    return class_means(F.normalize(f - mu, dim=1)), mu
 
 
 def ncm_scores(features: torch.Tensor, means: torch.Tensor, center: torch.Tensor,
                metric: str = "l2") -> torch.Tensor:
-    """Scores [N, C] (higher is closer): -squared L2 distance or cosine similarity to each mean."""
+    """Scores [N, C] (higher is closer): -squared L2 distance, or for ``"cosine"`` the official
+    ``q . mu_j`` with q = normalize(x - center) and the means as given (KNNClassifier.py:77-81)."""
     if metric not in _METRICS:
         raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
     q = F.normalize(torch.as_tensor(features).float().to(means) - center.to(means), dim=1)
     if metric == "cosine":
-        return q @ F.normalize(means, dim=1).t()
+        return q @ means.t()
     sq = (q * q).sum(1, keepdim=True) - 2 * q @ means.t() + (means * means).sum(1)[None, :]
     return -sq
 

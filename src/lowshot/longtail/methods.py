@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _KINDS = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
           "float?": "a number or null", "str?": "a string or null", "list?": "a list of numbers or null",
-          "dict": "a mapping like {k: v}"}
+          "dict": "a mapping like {k: v}", "str|bool": "a string or true/false"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class OptionSpec:
             value = [float(v) for v in value] if ok else value
         elif base == "dict":
             ok = isinstance(value, dict)
+        elif base == "str|bool":
+            ok = isinstance(value, (str, bool))
         if not ok:
             raise ConfigError(f"{what} expects {_KINDS[k]}, got {value!r}")
         return value
@@ -226,13 +228,16 @@ def lws(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
 
 @register_method("ncm", "NCM", options={
     "metric": OptionSpec("l2", "str", "l2 | cosine"),
-    "center": OptionSpec(True, "bool", "subtract the mean of class means before normalising"),
+    "center": OptionSpec("all", "str|bool", "centre before normalising: all (mean of all training features, "
+                                            "official) | class_mean (mean of class means) | none"),
 })
 def ncm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
-    """Class means of centred, L2-normalised training features, as an ``ncm`` head."""
-    from ..heads.ncm import NCMHead
+    """Class means of centred, L2-normalised training features, as an ``ncm`` head (official centre:
+    the mean of all training features; see lowshot.heads.ncm)."""
+    from ..heads.ncm import NCMHead, resolve_center
+    center = resolve_center(opts["center"])
     f, y = ctx.features(opts["train_split"])
     head = NCMHead(ctx.num_classes, int(f.shape[1]), metric=opts["metric"])
-    head.fit(f, y, center=opts["center"])
+    head.fit(f, y, center=center)
     return Fit("ncm", {"metric": opts["metric"]}, dict(head.state_dict()), None,
-               {"metric": opts["metric"], "center": opts["center"]})
+               {"metric": opts["metric"], "center": center})
