@@ -63,15 +63,23 @@ def test_uniform_within_class():
 
 
 def test_progressive_interpolates():
+    """lam_t = t / (T - 1), np.linspace(0, 1, epochs) in classifier-balancing
+    data/ClassPrioritySampler.py:313-314: the last epoch (9 of 10) is fully class-balanced."""
     s = make("progressive", num_samples=20000)
     n = torch.tensor(COUNTS, dtype=torch.float64)
     ib, cb = n / n.sum(), torch.full((4,), 0.25, dtype=torch.float64)
-    for epoch, t in [(0, 0.0), (5, 0.5), (10, 1.0), (15, 1.0)]:
+    for epoch, t in [(0, 0.0), (3, 1 / 3), (9, 1.0), (15, 1.0)]:
         s.set_epoch(epoch)
         theory = (1 - t) * ib + t * cb
         assert torch.allclose(s.class_probabilities(), theory)
         observed = torch.bincount(LABELS[torch.tensor(list(s))], minlength=4)
         assert chi2(observed, theory) < CHI2_DF3
+
+
+def test_progressive_single_epoch_is_instance_balanced():
+    s = make("progressive", total_epochs=1)
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    assert torch.allclose(s.class_probabilities(), n / n.sum())  # np.linspace(0, 1, 1) == [0]
 
 
 def test_instance_is_a_permutation():

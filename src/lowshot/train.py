@@ -179,7 +179,7 @@ def build_train_sampler(cfg: Config, labels: torch.Tensor, num_replicas: int = 1
         raise ConfigError(f"config key 'train.sampler_kwargs' must not set {', '.join(clash)} "
                           f"(the seed is train.seed; ranks come from torchrun)")
     if SAMPLERS.canonical(t.sampler) == "progressive":
-        kw.setdefault("total_epochs", max(1, t.epochs))  # Kang et al.: t/T over the whole run
+        kw.setdefault("total_epochs", max(1, t.epochs))  # official linspace: the last epoch is class-balanced
     return build_sampler(t.sampler, labels, seed=t.seed, num_replicas=num_replicas, rank=rank, **kw)
 
 
