@@ -190,3 +190,40 @@ def test_every_sampler_trains_crt(sampler):
     x, y = blobs([60, 20, 6], sep=6.0, spread=0.5)
     w, b = retrain_crt(x, y, 3, sampler=sampler, epochs=3, lr=0.1, batch_size=16)
     assert ((x @ w.t() + b).argmax(1) == y).float().mean() > 0.95
+
+
+def test_stage2_default_schedule_is_the_official_per_epoch_cosine():
+    """run_networks.py:157-160 + :255: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped at the start
+    of each epoch, so epoch e (1-based) runs at lr (1 + cos(pi e / T)) / 2 and the last one at 0."""
+    x, y = blobs([60, 30, 10], sep=3.0)
+    rec: dict = {}
+    retrain_crt(x, y, 3, epochs=4, lr=0.2, batch_size=32, record=rec)
+    h = 0.5 ** 0.5
+    assert rec["lrs"] == pytest.approx([0.1 * (1 + h), 0.1, 0.1 * (1 - h), 0.0], abs=1e-12)
+    rec_lws: dict = {}
+    w, b = retrain_crt(x, y, 3, epochs=2, lr=0.1, batch_size=32)
+    learn_lws(w, b, x, y, epochs=2, lr=0.2, batch_size=32, record=rec_lws)
+    assert rec_lws["lrs"] == pytest.approx([0.1, 0.0], abs=1e-12)
+    step_rec: dict = {}
+    retrain_crt(x, y, 3, epochs=4, lr=0.2, batch_size=32, schedule="step", record=step_rec)
+    assert step_rec["lrs"][-1] > 0  # per-step cosine: the last step is still above 0
+
+
+def test_stage2_keeps_the_best_val_epoch():
+    """run_networks.py:356-362: the official loop keeps the strictly best val epoch (first best wins)."""
+    x, y = blobs([200, 100, 50, 20], sep=1.0, spread=1.5)
+    xv, yv = blobs([40] * 4, sep=1.0, spread=1.5, seed=3)
+    kw = dict(epochs=6, lr=0.5, batch_size=32, seed=0)
+    rec: dict = {}
+    w, b = retrain_crt(x, y, 4, val_features=xv, val_labels=yv, record=rec, **kw)
+    curve = rec["val_curve"]
+    assert len(curve) == 6 and rec["best_epoch"] == curve.index(max(curve)) + 1
+    acc = 100.0 * float(((xv @ w.t() + b).argmax(1) == yv).double().mean())
+    assert acc == pytest.approx(max(curve))
+    last_w, last_b = retrain_crt(x, y, 4, **kw)  # no val: the final epoch
+    last_acc = 100.0 * float(((xv @ last_w.t() + last_b).argmax(1) == yv).double().mean())
+    assert last_acc == pytest.approx(curve[-1])
+    assert rec["best_epoch"] < 6 and not torch.equal(w, last_w)  # this data peaks early (epoch 2)
+    s_rec: dict = {}
+    learn_lws(last_w, last_b, x, y, epochs=3, lr=0.5, batch_size=32, val_features=xv, val_labels=yv, record=s_rec)
+    assert len(s_rec["val_curve"]) == 3 and s_rec["best_epoch"] == s_rec["val_curve"].index(max(s_rec["val_curve"])) + 1

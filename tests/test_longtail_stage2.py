@@ -167,7 +167,8 @@ def test_crt_on_images_bn_modes_are_saved(run, tmp_path, freeze_bn):
     params = [k for k in src["model"] if k.endswith("weight")]
     assert stats and all(torch.equal(ck["model"][k], src["model"][k]) for k in params)  # never trained
     moved = any(not torch.equal(ck["model"][k], src["model"][k]) for k in stats)
-    assert moved == (not freeze_bn) and res["info"] == {"mode": "images", "freeze_bn": freeze_bn}
+    assert moved == (not freeze_bn)
+    assert {k: res["info"][k] for k in ("mode", "freeze_bn")} == {"mode": "images", "freeze_bn": freeze_bn}
     assert ck["backbone_updated"] == (not freeze_bn)
     acc, _ = _accuracy_of(out)  # reported numbers use the saved (BN-updated) backbone
     assert acc == pytest.approx(res["metrics"]["all"], abs=100.0 / 1200 + 1e-9)
@@ -207,3 +208,20 @@ def test_shot_thresholds_rules():
     forced = shot_thresholds([500, 50, 10], "rank")
     assert (forced["rule"], forced["many"], forced["few"]) == ("rank", 50, 50)
     assert shot_thresholds([5000, 50], "official")["rule"] == "official"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["crt", "lws"])
+def test_stage2_trains_like_the_official_loop_by_default(run, method):
+    """Per-epoch cosine with the last epoch at lr 0 and the best epoch on the balanced val split kept
+    (classifier-balancing run_networks.py:157-160, :255, :356-362); select=last keeps the final epoch."""
+    _, res = decouple(run, method, log=quiet, out=run.parent / f"official_{method}.pt", **FAST[method])
+    info = res["info"]
+    assert (info["schedule"], info["select"], info["val_split"]) == ("epoch", "best_val", "val")
+    assert info["epoch_lrs"] == pytest.approx([0.15, 0.05, 0.0], abs=1e-12)
+    assert len(info["val_curve"]) == 3 and info["best_epoch"] == info["val_curve"].index(max(info["val_curve"])) + 1
+    _, last = decouple(run, method, log=quiet, out=run.parent / f"last_{method}.pt", select="last",
+                       schedule="step", **FAST[method])
+    assert "best_epoch" not in last["info"] and last["info"]["epoch_lrs"][-1] > 0
+    with pytest.raises(ConfigError, match="val_split"):
+        decouple(run, method, log=quiet, out=run.parent / "x.pt", val_split="nope", **FAST[method])

@@ -97,7 +97,12 @@ def _sgd_options(epochs: int, weight_decay: float, sampler: str) -> dict[str, Op
         "sampler": OptionSpec(sampler, "str", "stage-2 sampler (class_balanced, class_aware, sqrt, ...)"),
         "sampler_kwargs": OptionSpec({}, "dict", "sampler options, e.g. {samples_per_class: 4}"),
         "epochs": OptionSpec(epochs, "int", "passes of the sampler"),
-        "lr": OptionSpec(0.2, "float", "SGD learning rate, cosine-decayed per step to 0"),
+        "lr": OptionSpec(0.2, "float", "SGD learning rate, cosine-decayed to 0 (see schedule)"),
+        "schedule": OptionSpec("epoch", "str", "epoch (official: per-epoch cosine, last epoch at lr 0) | "
+                                               "step (per-step cosine)"),
+        "select": OptionSpec("best_val", "str", "best_val (official: keep the epoch with the best top-1 on "
+                                                "val_split) | last (keep the final epoch)"),
+        "val_split": OptionSpec("val", "str?", "balanced split that select=best_val scores every epoch"),
         "batch_size": OptionSpec(512, "int", "batch size"),
         "momentum": OptionSpec(0.9, "float", "SGD momentum"),
         "weight_decay": OptionSpec(weight_decay, "float", "SGD weight decay"),
@@ -106,8 +111,41 @@ def _sgd_options(epochs: int, weight_decay: float, sampler: str) -> dict[str, Op
 
 
 def _sgd_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "sampler", "seed")
+    keys = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "sampler", "seed", "schedule")
     return {**{k: opts[k] for k in keys}, "sampler_kw": dict(opts["sampler_kwargs"])}
+
+
+def _selection(ctx: Stage2Context, opts: dict[str, Any], what: str) -> str | None:
+    """The validation split that picks the stage-2 epoch (None: keep the last epoch)."""
+    from .decouple import SCHEDULES, SELECTIONS
+    if opts["schedule"] not in SCHEDULES:
+        raise ConfigError(f"{what} option 'schedule' must be one of {', '.join(SCHEDULES)}, got {opts['schedule']!r}")
+    if opts["select"] not in SELECTIONS:
+        raise ConfigError(f"{what} option 'select' must be one of {', '.join(SELECTIONS)}, got {opts['select']!r}")
+    if opts["select"] == "last":
+        return None
+    if opts["val_split"] is None:
+        raise ConfigError(f"{what} select=best_val needs val_split=NAME (or pass select=last)")
+    try:
+        ctx.dataset(opts["val_split"])
+    except LowshotError as err:
+        raise ConfigError(f"{what} keeps the best epoch on a balanced validation split (as the official code), "
+                          f"but {err}; pass val_split=NAME or select=last") from None
+    return opts["val_split"]
+
+
+def _val_kwargs(ctx: Stage2Context, split: str | None) -> dict[str, Any]:
+    if split is None:
+        return {}
+    vf, vy = ctx.features(split)
+    return {"val_features": vf.to(ctx.device), "val_labels": vy.to(ctx.device)}
+
+
+def _stage2_info(record: dict[str, Any], split: str | None, opts: dict[str, Any]) -> dict[str, Any]:
+    info = {"schedule": opts["schedule"], "select": opts["select"], "epoch_lrs": record.get("lrs", [])}
+    if split is not None:
+        info.update(val_split=split, val_curve=record.get("val_curve", []), best_epoch=record.get("best_epoch"))
+    return info
 
 
 def linear_parts(head: torch.nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,7 +179,8 @@ def _linear_fit(weight: torch.Tensor, bias: torch.Tensor | None, info: dict[str,
     "num_workers": OptionSpec(0, "int", "images=true: loader workers for file datasets"),
 })
 def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
-    """Re-initialised linear classifier, class-balanced, backbone frozen.
+    """Re-initialised linear classifier, class-balanced, backbone frozen; by default trained like the
+    official loop (per-epoch cosine whose last epoch runs at lr 0, best epoch on ``val_split`` kept).
 
     Default: on cached features, which is exactly a frozen eval-mode backbone without
     augmentation, and on CPU hundreds of times cheaper than running the backbone every step
@@ -151,10 +190,13 @@ def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """
     C = ctx.num_classes
     info: dict[str, Any] = {"mode": "images" if opts["images"] else "features"}
+    split = _selection(ctx, opts, "crt")
+    record: dict[str, Any] = {}
     if not opts["images"]:
         f, y = ctx.features(opts["train_split"])
-        w, b = retrain_crt(f.to(ctx.device), y.to(ctx.device), C, bias=opts["bias"], **_sgd_kwargs(opts))
-        return _linear_fit(w, b, info)
+        w, b = retrain_crt(f.to(ctx.device), y.to(ctx.device), C, bias=opts["bias"], record=record,
+                           **_val_kwargs(ctx, split), **_sgd_kwargs(opts))
+        return _linear_fit(w, b, {**info, **_stage2_info(record, split, opts)})
     from ..data.transforms import build_transform
     ds = ctx.dataset(opts["train_split"])
     meta, a = ctx.ckpt["data"], ctx.cfg.augment
@@ -163,9 +205,11 @@ def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
                                flip=a.flip, jitter=a.jitter)
     backbone = copy.deepcopy(ctx.model.backbone)  # the context keeps the joint backbone intact
     w, b = retrain_crt_on_images(backbone, ds, train_tf, C, bias=opts["bias"], freeze_bn=opts["freeze_bn"],
-                                 device=ctx.device, num_workers=opts["num_workers"], **_sgd_kwargs(opts))
+                                 device=ctx.device, num_workers=opts["num_workers"], record=record,
+                                 val_dataset=None if split is None else ctx.dataset(split),
+                                 val_transform=ctx.transform, **_sgd_kwargs(opts))
     info["freeze_bn"] = opts["freeze_bn"]
-    fit = _linear_fit(w, b, info)
+    fit = _linear_fit(w, b, {**info, **_stage2_info(record, split, opts)})
     if not opts["freeze_bn"]:
         fit.model_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     return fit
@@ -215,13 +259,16 @@ def tau_norm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
 
 @register_method("lws", "LWS", options=_sgd_options(5, 0.0, "class_balanced"))
 def lws(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
-    """Per-class scales s on the joint classifier (W, b frozen), class-balanced; folded into W, b."""
+    """Per-class scales s on the joint classifier (W, b frozen), class-balanced; folded into W, b.
+    Schedule and best-val selection as ``crt``."""
     w, b = linear_parts(ctx.model.head, "lws")
+    split = _selection(ctx, opts, "lws")
+    record: dict[str, Any] = {}
     f, y = ctx.features(opts["train_split"])
     s = learn_lws(w.to(ctx.device), None if b is None else b.to(ctx.device), f.to(ctx.device), y.to(ctx.device),
-                  **_sgd_kwargs(opts))
+                  record=record, **_val_kwargs(ctx, split), **_sgd_kwargs(opts))
     ws, bs = apply_lws(w.to(s.device), None if b is None else b.to(s.device), s)
-    return _linear_fit(ws, bs, {"scales": s.cpu().tolist()})
+    return _linear_fit(ws, bs, {"scales": s.cpu().tolist(), **_stage2_info(record, split, opts)})
 
 
 # ----------------------------------------------------------------------------- NCM
