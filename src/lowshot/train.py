@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import math
@@ -101,7 +102,8 @@ def make_transforms(cfg: Config, ds: ImageDataset) -> tuple[Callable, Callable, 
         raise DataError(f"dataset {cfg.data.name!r} has no fixed image size; set data.image_size")
     a = cfg.augment
     crop = tuple(a.crop_scale) if a.crop_scale is not None else None
-    train_tf = build_transform(True, size, ds.channels, mean, std, crop_scale=crop, flip=a.flip, jitter=a.jitter)
+    train_tf = build_transform(True, size, ds.channels, mean, std, crop_scale=crop, flip=a.flip, jitter=a.jitter,
+                               affine=dataclasses.asdict(a.affine))
     test_tf = build_transform(False, size, ds.channels, mean, std)
     meta = {"channels": ds.channels, "image_size": size, "mean": mean, "std": std,
             "preprocess": dict(ds.preprocess)}
