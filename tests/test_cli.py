@@ -154,6 +154,16 @@ def test_omniglot_config_trains_and_embeds(tmp_path):
 
 
 @needs_omniglot
+def test_test_split_of_other_classes_is_refused(tmp_path, capsys):
+    """train on every alphabet but score base accuracy on base_test (other classes): one line, exit 2."""
+    assert main(["train", str(ROOT / "configs" / "omniglot" / "conv4_neg_cosine.yaml"), f"data.root={OMNIGLOT_DIR}",
+                 "data.train_split=train", "train.epochs=0", "val.every=0", "train.progress=false",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.test_split" in err and "242 classes of data.train_split='train'" in err
+
+
+@needs_omniglot
 def test_omniglot_embedding_of_raw_files_matches_training_preprocessing(tmp_path):
     """Omniglot strokes are inverted by the reader; embed must apply the same step to raw PNGs."""
     import zipfile

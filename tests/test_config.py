@@ -102,3 +102,25 @@ def test_amp_off_written_bare_in_yaml():
     assert apply_overrides(Config(), ["train.amp=bf16"]).train.amp == "bf16"
     with pytest.raises(ConfigError, match="train.amp"):
         apply_overrides(Config(), ["train.amp=on"])
+
+
+def test_affine_augmentation_section_reaches_the_train_transform():
+    from lowshot.data.transforms import RandomAffine
+    from lowshot.train import make_transforms
+    from lowshot.data.base import TensorImageDataset
+    import torch
+    cfg = load_config(None, ["augment.affine.degrees=10", "augment.affine.scale=[0.8,1.2]",
+                             "augment.affine.translate=0.1", "augment.affine.shear=15"])
+    assert cfg.augment.affine.scale == [0.8, 1.2] and cfg.augment.affine.shear == 15.0
+    ds = TensorImageDataset(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4), list("abcd"))
+    train_tf, test_tf, _ = make_transforms(cfg, ds)
+    warp = [t for t in train_tf.transforms if isinstance(t, RandomAffine)]
+    assert len(warp) == 1 and warp[0].degrees == (-10.0, 10.0) and warp[0].scale == (0.8, 1.2)
+    assert not any(isinstance(t, RandomAffine) for t in test_tf.transforms)  # never at test time
+    assert not any(isinstance(t, RandomAffine) for t in make_transforms(load_config(), ds)[0].transforms)
+    with pytest.raises(ConfigError, match="augment.affine.degrees"):
+        load_config(None, ["augment.affine.degrees=-5"])
+    with pytest.raises(ConfigError, match="augment.affine.scale"):
+        load_config(None, ["augment.affine.scale=[1.2,0.8]"])
+    with pytest.raises(ConfigError, match="augment.affine.degres"):
+        load_config(None, ["augment.affine.degres=5"])

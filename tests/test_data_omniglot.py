@@ -161,3 +161,45 @@ def test_real_extracted_folder_equals_zip(tmp_path: Path) -> None:
     assert from_dir.class_names == from_zip.class_names
     assert torch.equal(from_dir.images, from_zip.images) and from_dir.images.shape[-1] == 20
     assert "242 classes" in dataset_summary("omniglot", SHARED)
+
+
+def _marked_zip(path: Path, chars: list[str], drawers: int = 4) -> Path:
+    """Each image black with one white pixel at (row 1, col 8): rotations are visible."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for key in chars:
+            for d in range(1, drawers + 1):
+                img = Image.new("L", (10, 10), 0)
+                img.putpixel((8, 1), 255)  # (x, y)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                zf.writestr(f"{path.stem}/{key}/0001_{d:02d}.png", buf.getvalue())
+    return path
+
+
+def test_class_rotations_are_new_training_classes_only(tmp_path: Path) -> None:
+    _marked_zip(tmp_path / "images_background.zip", ["Alpha/character01", "Beta/character01", "Gamma/character01"])
+    split = {"base_alphabets": ["Alpha", "Beta"], "val_alphabets": ["Gamma"], "heldout_drawers": 1,
+             "invert": False, "image_size": 10}
+    plain = build_dataset("omniglot", "base", root=str(tmp_path), **split)
+    rot = build_dataset("omniglot", "base", root=str(tmp_path), class_rotations=[90, 180, 270], **split)
+    assert rot.class_names == ["Alpha/character01", "Beta/character01",
+                               "Alpha/character01@rot90", "Beta/character01@rot90",
+                               "Alpha/character01@rot180", "Beta/character01@rot180",
+                               "Alpha/character01@rot270", "Beta/character01@rot270"]
+    assert rot.class_meta["alphabet"] == ["Alpha", "Beta"] * 4
+    assert len(rot) == 4 * len(plain) and torch.bincount(rot.labels).tolist() == [3] * 8
+    assert torch.equal(rot.images[:len(plain)], plain.images) and torch.equal(rot.labels[:len(plain)], plain.labels)
+    # the white pixel at (row 1, col 8) turns counter-clockwise: 90 -> (1, 1), 180 -> (8, 1), 270 -> (8, 8)
+    for j, (r, c) in enumerate([(1, 8), (1, 1), (8, 1), (8, 8)]):
+        img = rot.images[j * len(plain), 0]
+        assert img[r, c] > 200 and int((img > 200).sum()) == 1, j
+        assert int(rot.labels[j * len(plain)]) == 2 * j
+    held = build_dataset("omniglot", "base_test", root=str(tmp_path), class_rotations=[90, 180, 270], **split)
+    assert held.class_names == rot.class_names and len(held) == 8  # one held-out drawer per class
+    train = build_dataset("omniglot", "train", root=str(tmp_path), class_rotations=[180], image_size=10)
+    assert train.num_classes == 6
+    val = build_dataset("omniglot", "val", root=str(tmp_path), class_rotations=[90, 180, 270], **split)
+    assert val.class_names == ["Gamma/character01"] and len(val) == 4  # benchmark splits never rotate
+    for bad, msg in (([45], "multiples of 90"), ([90, 450], "repeats"), (90, "list of angles")):
+        with pytest.raises(DataError, match=msg):
+            build_dataset("omniglot", "base", root=str(tmp_path), class_rotations=bad, **split)

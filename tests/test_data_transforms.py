@@ -8,6 +8,7 @@ from lowshot.data.transforms import (
     ColorJitter,
     MatchChannels,
     Normalize,
+    RandomAffine,
     RandomHorizontalFlip,
     RandomResizedCrop,
     Resize,
@@ -135,10 +136,95 @@ def test_resize_normalize_match_channels_and_stats() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_transform_runs_on_gpu_and_stays_there() -> None:
     x = _batch(4, 3, 32).cuda()
-    t = build_transform(True, 24, 3, MEAN, STD, jitter=0.4)
+    t = build_transform(True, 24, 3, MEAN, STD, jitter=0.4,
+                        affine={"degrees": 10, "shear": 15, "scale": [0.8, 1.2], "translate": 0.1})
     torch.manual_seed(0)
     a = t(x)
     torch.manual_seed(0)
     assert a.is_cuda and a.shape == (4, 3, 24, 24) and torch.equal(a, t(x))
     cpu = build_transform(False, 32, 3, MEAN, STD)
     assert torch.allclose(cpu(x).cpu(), cpu(x.cpu()), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- RandomAffine
+
+def _affine_params(b: int = 1, **kw: float) -> dict[str, torch.Tensor]:
+    base = {"angle": 0.0, "shear": 0.0, "scale": 1.0, "tx": 0.0, "ty": 0.0} | kw
+    return {k: torch.full((b,), float(v)) for k, v in base.items()}
+
+
+def _dot(side: int, row: int, col: int) -> torch.Tensor:
+    img = torch.zeros(1, 1, side, side)
+    img[0, 0, row, col] = 1.0
+    return img
+
+
+def test_affine_identity_params_give_the_input_back() -> None:
+    x = _batch(3, 3, 12).float() / 255
+    warp = RandomAffine(degrees=30, translate=0.2, scale=(0.5, 2.0), shear=20)
+    assert torch.allclose(warp.apply(x, _affine_params(3)), x, atol=1e-6)
+    # non-square too (the geometry is in pixel units)
+    y = torch.rand(2, 1, 6, 10)
+    assert torch.allclose(warp.apply(y, _affine_params(2)), y, atol=1e-6)
+    # zero ranges are skipped by build_transform: the train transform is then crop-free resize only
+    t = build_transform(True, 12, 3, None, None, crop_scale=None, flip=False, affine={"degrees": 0.0})
+    assert [type(s).__name__ for s in t.transforms] == ["ToFloat", "MatchChannels", "Resize"]
+
+
+def test_affine_rotation_moves_a_dot_counter_clockwise() -> None:
+    # 5x5 image, dot one pixel above the centre (row 1, col 2).
+    warp = RandomAffine()
+    img = _dot(5, 1, 2)
+    out = warp.apply(img, _affine_params(angle=90))      # counter-clockwise on screen: to the left
+    assert torch.allclose(out, _dot(5, 2, 1), atol=1e-5)
+    out = warp.apply(img, _affine_params(angle=-90))     # clockwise: to the right
+    assert torch.allclose(out, _dot(5, 2, 3), atol=1e-5)
+    out = warp.apply(img, _affine_params(angle=180))
+    assert torch.allclose(out, _dot(5, 3, 2), atol=1e-5)
+
+
+def test_affine_translation_scale_and_shear_hand_values() -> None:
+    warp = RandomAffine()
+    x = torch.rand(1, 1, 5, 8)
+    # +1 pixel right (tx = 1/8 of the width), +2 pixels down (ty = 2/5 of the height)
+    out = warp.apply(x, _affine_params(tx=1 / 8, ty=2 / 5))
+    assert torch.allclose(out[..., 2:, 1:], x[..., :-2, :-1], atol=1e-6)
+    assert out[..., :2, :].abs().max() == 0 and out[..., :, :1].abs().max() == 0  # zeros come in
+    # zoom x2 about the centre: a dot 1 px right of the centre lands 2 px right of it
+    out = warp.apply(_dot(7, 3, 4), _affine_params(scale=2.0))
+    assert out[0, 0, 3, 5].item() == pytest.approx(1.0, abs=1e-5)
+    assert out[0, 0, 3, 4].item() == pytest.approx(0.5, abs=1e-5)  # p_in = 0.5 px: bilinear half
+    # x-shear by 45 deg: x' = x + y, so a dot 1 px below the centre moves 1 px right
+    out = warp.apply(_dot(7, 4, 3), _affine_params(shear=45))
+    assert torch.allclose(out, _dot(7, 4, 4), atol=1e-5)
+    # translation is applied after the rotation: rotate the dot, then shift it right by one pixel
+    out = warp.apply(_dot(5, 1, 2), _affine_params(angle=90, tx=1 / 5))
+    assert torch.allclose(out, _dot(5, 2, 2), atol=1e-5)
+
+
+def test_affine_random_draws_are_seeded_per_sample_and_in_range() -> None:
+    warp = RandomAffine(degrees=10, translate=0.1, scale=(0.8, 1.2), shear=(-5, 20))
+    torch.manual_seed(3)
+    p = warp.params(1000, torch.device("cpu"))
+    assert p["angle"].abs().max() <= 10 and p["angle"].std() > 4
+    assert p["tx"].abs().max() <= 0.1 and p["ty"].abs().max() <= 0.1 and not torch.equal(p["tx"], p["ty"])
+    assert 0.8 <= p["scale"].min() and p["scale"].max() <= 1.2
+    assert -5 <= p["shear"].min() and p["shear"].max() <= 20 and p["shear"].mean() > 5
+    x = _batch(4, 1, 16).float() / 255
+    torch.manual_seed(0)
+    a = warp(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, warp(x))
+    assert not torch.allclose(a[0], a[1])  # per-sample parameters: a repeated image warps differently
+    same = x[:1].expand(4, -1, -1, -1)
+    b = warp(same)
+    assert not torch.allclose(b[0], b[1])
+
+
+def test_affine_bad_ranges_raise() -> None:
+    with pytest.raises(ConfigError, match="affine degrees must be >= 0"):
+        RandomAffine(degrees=-1)
+    with pytest.raises(ConfigError, match="affine scale must be"):
+        RandomAffine(scale=(1.2, 0.8))
+    with pytest.raises(ConfigError, match="padding_mode"):
+        RandomAffine(padding_mode="wrap")

@@ -38,12 +38,28 @@ class DataConfig:
 
 
 @dataclass
+class AffineConfig:
+    """Random affine warp per sample (``lowshot.data.transforms.RandomAffine``); zeros = off.
+
+    ``degrees``/``shear``/``translate``: half-widths of symmetric ranges (degrees, degrees,
+    fraction of the image side); ``scale``: [lo, hi] zoom.
+    """
+
+    degrees: float = 0.0
+    translate: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    shear: float = 0.0
+    padding_mode: str = "zeros"  # zeros | border | reflection
+
+
+@dataclass
 class AugmentConfig:
     """Batch augmentation applied on the training device (see ``lowshot.data.transforms``)."""
 
     crop_scale: list[float] | None = field(default_factory=lambda: [0.6, 1.0])
     flip: bool = True
     jitter: float = 0.0
+    affine: AffineConfig = field(default_factory=AffineConfig)
     mean: list[float] | None = None  # None: the dataset's default statistics
     std: list[float] | None = None
 
@@ -384,6 +400,14 @@ def validate(cfg: Config) -> Config:
         lo_hi = cfg.augment.crop_scale
         need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "augment.crop_scale",
              "must be [lo, hi] with 0 < lo <= hi <= 1, or null")
+    af = cfg.augment.affine
+    need(af.degrees >= 0, "augment.affine.degrees", "must be >= 0 (half-width of the rotation range)")
+    need(af.shear >= 0, "augment.affine.shear", "must be >= 0 (half-width of the shear range)")
+    need(0 <= af.translate < 1, "augment.affine.translate", "must be in [0, 1) (fraction of the image side)")
+    need(len(af.scale) == 2 and 0 < af.scale[0] <= af.scale[1], "augment.affine.scale",
+         "must be [lo, hi] with 0 < lo <= hi")
+    need(af.padding_mode in ("zeros", "border", "reflection"), "augment.affine.padding_mode",
+         "must be one of zeros, border, reflection")
     need(cfg.val.every >= 0, "val.every", "must be >= 0")
     return cfg
 

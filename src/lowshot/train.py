@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import math
@@ -101,7 +102,8 @@ def make_transforms(cfg: Config, ds: ImageDataset) -> tuple[Callable, Callable, 
         raise DataError(f"dataset {cfg.data.name!r} has no fixed image size; set data.image_size")
     a = cfg.augment
     crop = tuple(a.crop_scale) if a.crop_scale is not None else None
-    train_tf = build_transform(True, size, ds.channels, mean, std, crop_scale=crop, flip=a.flip, jitter=a.jitter)
+    train_tf = build_transform(True, size, ds.channels, mean, std, crop_scale=crop, flip=a.flip, jitter=a.jitter,
+                               affine=dataclasses.asdict(a.affine))
     test_tf = build_transform(False, size, ds.channels, mean, std)
     meta = {"channels": ds.channels, "image_size": size, "mean": mean, "std": std,
             "preprocess": dict(ds.preprocess)}
@@ -248,6 +250,11 @@ def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDat
     d = cfg.data
     train_set = load_split(cfg, d.train_split)
     test_set = load_split(cfg, d.test_split) if d.test_split else None
+    if test_set is not None and list(test_set.class_names) != list(train_set.class_names):
+        # base accuracy scores the trained head on held-out images: the label ids must mean the same classes
+        raise ConfigError(f"config key 'data.test_split': split {d.test_split!r} has {test_set.num_classes} classes "
+                          f"that are not the {train_set.num_classes} classes of data.train_split={d.train_split!r} "
+                          f"(held-out images must come from the training classes; set data.test_split=null)")
     val_set = load_split(cfg, d.val_split) if d.val_split and cfg.val.every else None
     return train_set, test_set, val_set
 

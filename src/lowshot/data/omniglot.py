@@ -16,6 +16,12 @@ ALPHABET, so novel characters come from alphabets never seen in training (seeded
 fractions or explicit lists via ``base_alphabets`` / ``val_alphabets`` / ``novel_alphabets``,
 default 20% val and 20% novel alphabets). ``base_test`` holds the last ``heldout_drawers``
 (default 5, i.e. drawers 16-20) drawers of every base character; ``base`` then has drawers 1-15.
+
+``class_rotations`` (e.g. ``[90, 180, 270]``) is the classic Omniglot class augmentation
+(Santoro et al. 2016, Vinyals et al. 2016): every character rotated by each angle becomes a new
+class ("Alphabet/characterNN@rot90", same alphabet). It applies to the TRAINING splits only
+(``train``, ``base``, ``base_test``, which keep the same class list); ``val`` and ``novel``
+are never rotated, so the one-shot benchmark stays Lake et al.'s.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
        "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 SPLITS = ("train", "base", "base_test", "val", "novel")
+TRAINING_SPLITS = ("train", "base", "base_test")  # the splits ``class_rotations`` multiplies
 
 PathLike = str | os.PathLike
 
@@ -226,14 +233,46 @@ def alphabet_split(alphabets: Sequence[str], *, seed: int = 0, base_alphabets: S
                          seed=seed, groups=list(alphabets))
 
 
+def _quarter_turns(angles: Sequence[int] | None) -> list[int]:
+    """Counter-clockwise quarter turns (1..3) for ``class_rotations``; 0 / 360 (the original) dropped."""
+    if angles is None:
+        return []
+    if isinstance(angles, (str, int)) or not all(isinstance(a, int) and not isinstance(a, bool) for a in angles):
+        raise DataError(f"class_rotations must be a list of angles in degrees (multiples of 90), got {angles!r}")
+    if any(a % 90 for a in angles):
+        raise DataError(f"class_rotations must be multiples of 90 degrees, got {list(angles)}")
+    turns = [(a // 90) % 4 for a in angles]
+    turns = [t for t in turns if t]
+    if len(set(turns)) != len(turns):
+        raise DataError(f"class_rotations repeats an angle (mod 360): {list(angles)}")
+    return turns
+
+
+def _rotated_classes(images: torch.Tensor, labels: torch.Tensor, names: list[str], alphabets: list[str],
+                     turns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Append each quarter-turned copy of every image as a new class (ids offset by C per angle)."""
+    c = len(names)
+    imgs, labs = [images], [labels]
+    out_names, out_alpha = list(names), list(alphabets)
+    for j, t in enumerate(turns, start=1):
+        imgs.append(torch.rot90(images, t, dims=(2, 3)))
+        labs.append(labels + j * c)
+        out_names += [f"{n}@rot{90 * t}" for n in names]
+        out_alpha += alphabets
+    return torch.cat(imgs), torch.cat(labs), out_names, out_alpha
+
+
 @register_dataset("omniglot")
 def omniglot(split: str, root: PathLike | Sequence[PathLike] | None = None, image_size: int | None = None,
              download: bool = False, *, seed: int = 0, base_alphabets: Sequence[str] | None = None,
              val_alphabets: Amount = None, novel_alphabets: Amount = None, heldout_drawers: int = 5,
-             invert: bool = True, channels: int = 1, max_per_class: int | None = None) -> TensorImageDataset:
+             invert: bool = True, channels: int = 1, max_per_class: int | None = None,
+             class_rotations: Sequence[int] | None = None) -> TensorImageDataset:
     """Omniglot split in memory as uint8 [N,channels,S,S]; see the module docstring for splits.
 
     ``max_per_class`` keeps at most that many images per character (seeded by ``seed``).
+    ``class_rotations``: angles (multiples of 90) whose rotated copies become extra classes of
+    the training splits (module docstring).
     """
     if split not in SPLITS:
         raise DataError(f"unknown omniglot split {split!r} (known: {', '.join(SPLITS)}; Omniglot has "
@@ -243,6 +282,7 @@ def omniglot(split: str, root: PathLike | Sequence[PathLike] | None = None, imag
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
     if channels not in (1, 3):
         raise DataError(f"omniglot channels must be 1 or 3, got {channels!r}")
+    turns = _quarter_turns(class_rotations)
     if download:
         if root is not None and not isinstance(root, (str, os.PathLike)):
             raise DataError("download=True needs a single root folder, not a list of sources")
@@ -274,10 +314,14 @@ def omniglot(split: str, root: PathLike | Sequence[PathLike] | None = None, imag
     if max_per_class is not None:
         keep = keep[sample_per_class(mapping[labels[keep]], max_per_class, seed)]
     subset = images if keep.numel() == labels.numel() else images.index_select(0, keep)
+    targets = mapping[labels[keep]]
+    class_names, class_alphabets = [names[i] for i in ids], [alphabets[i] for i in ids]
+    if turns and split in TRAINING_SPLITS:
+        subset, targets, class_names, class_alphabets = _rotated_classes(
+            subset, targets, class_names, class_alphabets, turns)
     if channels == 3:
         subset = subset.expand(-1, 3, -1, -1).contiguous()
-    ds = TensorImageDataset(subset, mapping[labels[keep]], [names[i] for i in ids],
-                            {"alphabet": [alphabets[i] for i in ids]})
+    ds = TensorImageDataset(subset, targets, class_names, {"alphabet": class_alphabets})
     ds.location = ", ".join(str(s) for s in sources)
     ds.preprocess = {"invert": bool(invert)}
     return ds

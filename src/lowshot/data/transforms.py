@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,96 @@ class RandomHorizontalFlip:
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def _symmetric(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    """``v`` -> (-v, v); a pair is taken as the (lo, hi) range itself."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ConfigError(f"affine {name} must be one value or a [lo, hi] pair, got {value!r}")
+        lo, hi = float(value[0]), float(value[1])
+    else:
+        if value < 0:
+            raise ConfigError(f"affine {name} must be >= 0 (a symmetric range), got {value!r}")
+        lo, hi = -float(value), float(value)
+    if lo > hi:
+        raise ConfigError(f"affine {name} range must satisfy lo <= hi, got {(lo, hi)}")
+    return lo, hi
+
+
+class RandomAffine:
+    """Per-sample random rotation, shear, scale and translation: one batched ``grid_sample``.
+
+    The Omniglot augmentation of Koch et al. (2015, Siamese nets; rotation within +-10 deg,
+    shear within +-0.3, scale in [0.8, 1.2], translation of a few pixels): handwritten strokes
+    vary in exactly these ways, so new drawings of a character stay that character. Ranges:
+    ``degrees`` (rotation, positive = counter-clockwise on screen), ``shear`` (x-shear angle in
+    degrees; a pair draws it from [lo, hi]), ``translate`` (fraction of the width / height,
+    drawn independently for x and y), ``scale`` ([lo, hi] zoom, > 1 enlarges the content).
+    Each parameter is drawn uniformly per sample with the batch device's global RNG; the
+    geometry is in pixel units, so non-square images rotate without distortion. Content leaving
+    the frame is lost; uncovered pixels take ``padding_mode`` ("zeros": the background of
+    inverted Omniglot / MNIST-style images; "border"; "reflection").
+    """
+
+    PADDING = ("zeros", "border", "reflection")
+
+    def __init__(self, degrees: float | Sequence[float] = 0.0, translate: float | Sequence[float] = 0.0,
+                 scale: Sequence[float] = (1.0, 1.0), shear: float | Sequence[float] = 0.0,
+                 padding_mode: str = "zeros") -> None:
+        self.degrees = _symmetric(degrees, "degrees")
+        self.translate = _symmetric(translate, "translate")
+        self.shear = _symmetric(shear, "shear")
+        if len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]):
+            raise ConfigError(f"affine scale must be [lo, hi] with 0 < lo <= hi, got {scale!r}")
+        self.scale = (float(scale[0]), float(scale[1]))
+        if padding_mode not in self.PADDING:
+            raise ConfigError(f"affine padding_mode must be one of {', '.join(self.PADDING)}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+
+    @property
+    def is_identity(self) -> bool:
+        return self.degrees == self.translate == self.shear == (0.0, 0.0) and self.scale == (1.0, 1.0)
+
+    def params(self, b: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Random per-sample parameters ``{angle, shear (degrees), scale, tx, ty (fractions)}``, each [B]."""
+        def draw(lo_hi: tuple[float, float]) -> torch.Tensor:
+            return torch.empty(b, device=device).uniform_(*lo_hi)
+        return {"angle": draw(self.degrees), "shear": draw(self.shear), "scale": draw(self.scale),
+                "tx": draw(self.translate), "ty": draw(self.translate)}
+
+    @staticmethod
+    def matrix(params: dict[str, torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """``affine_grid`` theta [B,2,3]: output -> input in normalised coordinates.
+
+        Forward map in pixel coordinates about the centre (y down): ``p' = R S K p + t`` with
+        R the rotation, S the zoom, K the x-shear and t = (tx * w, ty * h). ``grid_sample`` needs
+        the inverse, rescaled by D = diag(w/2, h/2) (``align_corners=False``): D^-1 M^-1 (D n - t).
+        """
+        a = torch.deg2rad(params["angle"].float())
+        cos, sin = torch.cos(a), torch.sin(a)
+        one, zero = torch.ones_like(a), torch.zeros_like(a)
+        rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+        shear = torch.stack([torch.stack([one, torch.tan(torch.deg2rad(params["shear"].float()))], -1),
+                             torch.stack([zero, one], -1)], -2)
+        fwd = rot @ shear * params["scale"].float().view(-1, 1, 1)
+        inv = torch.linalg.inv(fwd)
+        half = torch.tensor([w / 2, h / 2], dtype=inv.dtype, device=inv.device)
+        lin = inv * half.view(1, 1, 2) / half.view(1, 2, 1)  # D^-1 M^-1 D
+        t = torch.stack([params["tx"].float() * w, params["ty"].float() * h], -1)
+        shift = -(inv @ t.unsqueeze(-1)).squeeze(-1) / half
+        return torch.cat([lin, shift.unsqueeze(-1)], -1)
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Warp ``x`` [B,C,H,W] with given parameters (see ``params``)."""
+        _check_batch(x)
+        theta = self.matrix(params, x.shape[2], x.shape[3]).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_batch(x)
+        return self.apply(x, self.params(x.shape[0], x.device))
+
+
 def _factor_range(value: float | tuple[float, float], name: str) -> tuple[float, float] | None:
     if isinstance(value, (tuple, list)):
         lo, hi = float(value[0]), float(value[1])
@@ -243,12 +334,14 @@ def build_transform(train: bool, image_size: int | None, channels: int,
                     mean: Sequence[float] | None, std: Sequence[float] | None, *,
                     crop_scale: tuple[float, float] | None = (0.08, 1.0),
                     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool | float = True,
-                    jitter: float | tuple[float, float, float] = 0.0) -> Compose:
+                    jitter: float | tuple[float, float, float] = 0.0,
+                    affine: dict[str, Any] | None = None) -> Compose:
     """uint8/float batch [B,C,H,W] -> normalised float batch [B,channels,S,S].
 
     Train: random resized crop (``crop_scale=None``: plain resize), horizontal flip
     (``flip`` True = p 0.5, or a probability), colour jitter (one value for brightness,
-    contrast and saturation, or a triple). Eval: resize only. ``mean``/``std`` None skips
+    contrast and saturation, or a triple), random affine warp (``affine``: ``RandomAffine``
+    keywords; None or identity ranges skip it). Eval: resize only. ``mean``/``std`` None skips
     normalisation; ``image_size`` None keeps the input size.
     """
     if channels not in (1, 3):
@@ -264,6 +357,9 @@ def build_transform(train: bool, image_size: int | None, channels: int,
         p = 0.5 if flip is True else float(flip)
         if p > 0:
             steps.append(RandomHorizontalFlip(p))
+        warp = RandomAffine(**affine) if affine else None
+        if warp is not None and not warp.is_identity:
+            steps.append(warp)
         js = tuple(jitter) if isinstance(jitter, (tuple, list)) else (jitter,) * 3
         if len(js) != 3:
             raise ConfigError(f"jitter must be one value or (brightness, contrast, saturation), got {jitter}")

@@ -9,6 +9,7 @@ for the results (tau curve, LWS scales...). Register another method with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     meta, a = ctx.ckpt["data"], ctx.cfg.augment
     train_tf = build_transform(True, meta["image_size"], meta["channels"], meta["mean"], meta["std"],
                                crop_scale=tuple(a.crop_scale) if a.crop_scale is not None else None,
-                               flip=a.flip, jitter=a.jitter)
+                               flip=a.flip, jitter=a.jitter, affine=dataclasses.asdict(a.affine))
     backbone = copy.deepcopy(ctx.model.backbone)  # the context keeps the joint backbone intact
     w, b = retrain_crt_on_images(backbone, ds, train_tf, C, bias=opts["bias"], freeze_bn=opts["freeze_bn"],
                                  device=ctx.device, num_workers=opts["num_workers"], record=record,
