@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from ..longtail.decouple import DEFAULT_TAU_GRID, tau_normalize
 from .api import as_feature_tensor, summarize
 from .episodes import _check_int, as_label_tensor, sample_episodes
 from .finetune import FinetuneConfig, _mix, episode_draws
@@ -456,6 +455,7 @@ class _Scorer:
         pb = clf.project(split.base.to(self.device, self.dtype))
         num_base = clf.num_classes
         e_total, way, m = split.episodes.shape
+        from ..longtail.decouple import tau_normalize   # the long-tail tau-norm, reused (lazy: no cycle)
         base_rows = {}
         for tau in taus:   # base-row scores of every image once per variant: [Nn + Nb, C]
             w, bias = (self.base_w, self.base_b) if tau is None else (
@@ -700,6 +700,7 @@ def evaluate_generalized(base_features: Any, base_labels: Any, novel_features: A
         if xv.shape[0] != yv.numel() or xbv.shape[0] != ybv.numel():
             raise DataError("validation features and labels differ in length")
         _labels_in_range(ybv, clf.num_classes, "validation base")
+    from ..longtail.decouple import DEFAULT_TAU_GRID
     taus = sorted(float(t) for t in (DEFAULT_TAU_GRID if tau_grid is None else tau_grid))
     if "tau_norm" in calibrations and not taus:
         raise ConfigError("tau_norm: empty tau grid")
