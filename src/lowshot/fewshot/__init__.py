@@ -4,6 +4,7 @@
 episodes (``sample_episodes``) and runs a registered method (``EVALUATORS``:
 ``finetune`` — the Baseline++ / Negative-Margin fine-tune protocol, solved exactly in each
 episode's support span; ``ncm``/``protonet``; ``logreg``).  See docs/fewshot.md.
+``evaluate_generalized`` scores base and novel classes together (docs/generalized.md).
 """
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ from .evaluators import (
     list_methods,
 )
 from .finetune import FinetuneConfig
+from .generalized import BaseClassifier, GeneralizedReport, evaluate_generalized
 
 __all__ = [
+    "BaseClassifier",
+    "GeneralizedReport",
+    "evaluate_generalized",
     "method_kwargs_for_head",
     "EVALUATORS",
     "FewShotMethod",

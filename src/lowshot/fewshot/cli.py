@@ -50,6 +50,15 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
 def _cmd(args: argparse.Namespace) -> int:
     from ..config import parse_override
     options = dict(parse_override(o) for o in args.options)
+    if args.generalized:   # base + novel classes scored together: lowshot.fewshot.generalized
+        from .generalized import run_generalized_eval
+        run_generalized_eval(args.checkpoint, way=args.way, shots=args.shot, query=args.query,
+                             base_query=args.base_query, episodes=args.episodes, val_episodes=args.val_episodes,
+                             calibrations=args.calibration or ["none"], method=args.method, seed=args.seed,
+                             options=options, device=args.device, out=args.out)
+        return 0
+    if args.calibration or args.base_query or args.val_episodes:
+        raise ConfigError("--calibration / --base-query / --val-episodes need --generalized")
     run_eval(args.checkpoint, split=args.split, way=args.way, shots=args.shot, query=args.query,
              episodes=args.episodes, method=args.method, seed=args.seed, options=options, dataset=args.dataset,
              root=args.root, device=args.device, out=args.out)
@@ -70,5 +79,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
+    p.add_argument("--generalized", action="store_true",
+                   help="score base and novel classes together (docs/generalized.md)")
+    p.add_argument("--calibration", nargs="+", choices=["none", "tau_norm", "scale", "bias"],
+                   help="with --generalized: calibrations to compare (default: none)")
+    p.add_argument("--base-query", type=int, help="with --generalized: base queries per episode (default way*query)")
+    p.add_argument("--val-episodes", type=int, help="with --generalized: validation episodes (default --episodes)")
     p.add_argument("options", nargs="*", help="method options as key=value, e.g. preset=bl0 head=linear")
     p.set_defaults(func=_cmd)

@@ -223,6 +223,37 @@ def longtail_section(c: Collected, figs: _Figs) -> Section:
     return s
 
 
+def generalized_section(c: Collected, figs: _Figs) -> Section:
+    from ..fewshot.generalized import METRICS
+    s = Section("Generalized few-shot (base + novel classes together)")
+    items, rows = [], []
+    for r in c.runs:
+        for fname, rep in r.generalized:
+            items.append((r.label, rep))
+            for cell in rep.results:
+                chosen = ", ".join(f"{k}={v:.4g}" for k, v in cell.chosen.items()) or "-"
+                rows.append([r.label, fname, rep.method, f"{rep.way}+{rep.num_base_classes}", str(cell.shot),
+                             cell.calibration] + [_pm(getattr(cell, k).mean, getattr(cell, k).ci95)
+                                                  for k in METRICS] + [chosen])
+    if not rows:
+        s.blocks.append(Para("No data: no generalized*.json found (run `lowshot eval --generalized`).", note=True))
+        return s
+    s.blocks.append(Para("Each episode adds `way` novel classes to all base classes; base and novel queries are "
+                         "scored in the joint label space. base / novel: accuracy of the base / novel queries; "
+                         "delta: mean drop from the separate (base-only, novel-only) setting; AUSUC: area under "
+                         "the seen-unseen curve in % of the unit square. Calibration parameters are chosen on "
+                         "validation episodes. All mean ± 95% CI over episodes."))
+    s.blocks.append(Table(["run", "file", "novel weights", "novel+base classes", "shot", "calibration", "base %",
+                           "novel %", "joint %", "hmean %", "delta", "AUSUC", "base only %", "novel only %",
+                           "chosen on val"], rows))
+    p = figures.plot_seen_unseen(items, figs.path("seen_unseen"))
+    if p is not None:
+        s.blocks.append(FigureRef(p, "seen-unseen curve: base vs novel accuracy as a bias subtracted from the "
+                                     "base scores sweeps (uncalibrated scores); markers: operating point of each "
+                                     "calibration (hollow circle: none)"))
+    return s
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
@@ -239,7 +270,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
             old.unlink()
     figs = _Figs(out)
     sections = [overview_section(c), curves_section(c, figs), fewshot_section(c, figs), sweeps_section(c, figs),
-                phi_section(c, figs), longtail_section(c, figs)]
+                phi_section(c, figs), longtail_section(c, figs), generalized_section(c, figs)]
     intro = ["Inputs: " + ", ".join(str(p) for p in c.inputs) + f" ({len(c.runs)} runs, {len(c.sweeps)} sweeps)."]
     if c.notes:
         sections.append(Section("Notes", [Para(n, note=True) for n in c.notes]))

@@ -3,7 +3,8 @@
 What is read (every file optional; a directory counts when it holds at least one):
 
 - training run:  ``config.yaml``, ``metrics.jsonl`` (curves), ``eval*.json`` (few-shot results),
-  ``decouple_*.json`` (long-tail results), ``analysis.json`` or ``analysis/analysis.json`` (phi,
+  ``decouple_*.json`` (long-tail results), ``generalized*.json`` (generalized few-shot, read strictly
+  by ``GeneralizedReport.from_dict``), ``analysis.json`` or ``analysis/analysis.json`` (phi,
   projections), ``result.json`` (a sweep point's evaluation)
 - sweep:         ``sweep.json`` (+ its point directories, which are training runs)
 - anything else: searched recursively (3 levels) for the above, e.g. a demo directory.
@@ -34,6 +35,7 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evals: list[tuple[str, Any]] = field(default_factory=list)  # (file name, parsed JSON)
     decouple: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (method, file, JSON)
+    generalized: list[tuple[str, Any]] = field(default_factory=list)  # (file name, GeneralizedReport)
     analysis: dict[str, Any] | None = None
     analysis_dir: Path | None = None
     result: dict[str, Any] | None = None
@@ -64,7 +66,7 @@ def _read_json(path: Path, notes: list[str]) -> Any:
 
 def _is_run(d: Path) -> bool:
     return any((d / m).is_file() for m in RUN_MARKERS) or any(d.glob("eval*.json")) \
-        or any(d.glob("decouple_*.json"))
+        or any(d.glob("decouple_*.json")) or any(d.glob("generalized*.json"))
 
 
 def _read_run(d: Path, label: str, notes: list[str]) -> Run:
@@ -91,6 +93,15 @@ def _read_run(d: Path, label: str, notes: list[str]) -> Run:
             run.decouple.append((f.stem[len("decouple_"):], f.name, data))
         elif data is not None:
             notes.append(f"skipped {f}: expected a JSON object")
+    for f in sorted(d.glob("generalized*.json")):
+        from ..fewshot.generalized import GeneralizedReport
+        data = _read_json(f, notes)
+        if data is None:
+            continue
+        try:
+            run.generalized.append((f.name, GeneralizedReport.from_dict(data)))
+        except DataError as e:
+            notes.append(f"skipped {f}: {e}")
     for a in (d / "analysis.json", d / "analysis" / "analysis.json"):
         if a.is_file():
             data = _read_json(a, notes)
@@ -122,7 +133,7 @@ def collect(run_dirs: list[str | Path]) -> Collected:
                 out.runs.append(_read_run(d, label, out.notes))
         if (len(out.runs), len(out.sweeps)) == before:
             raise DataError(f"report input {root}: no lowshot results found (looked for metrics.jsonl, result.json, "
-                            f"sweep.json, eval*.json, decouple_*.json, analysis.json up to {MAX_DEPTH} levels deep)")
+                            f"sweep.json, eval*.json, decouple_*.json, generalized*.json, analysis.json up to {MAX_DEPTH} levels deep)")
     return out
 
 

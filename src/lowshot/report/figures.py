@@ -230,3 +230,33 @@ def plot_tau_curves(items: Sequence[tuple[str, Sequence[tuple[float, float]]]], 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_seen_unseen(items: Sequence[tuple[str, Any]], path: str | Path) -> Path | None:
+    """Seen-unseen curves (Chao et al. 2016): mean base vs novel accuracy as the base-score bias
+    sweeps, one line per (run, shot) from its uncalibrated scores, with every calibration's
+    operating point marked. ``items``: (label, ``GeneralizedReport``)."""
+    lines = [(label, rep, shot) for label, rep in items for shot in sorted({r.shot for r in rep.results})]
+    if not lines:
+        return None
+    fig = new_figure(6.0, 4.2)
+    ax = fig.add_subplot()
+    markers = {"none": "o", "tau_norm": "s", "scale": "^", "bias": "D"}
+    for i, (label, rep, shot) in enumerate(lines[:10]):
+        color = f"C{i % 10}"
+        cells = [r for r in rep.results if r.shot == shot]
+        ref = next((r for r in cells if r.calibration == "none"), cells[0])
+        ax.plot(ref.curve["novel"], ref.curve["base"], "-", color=color,
+                label=f"{label} · {rep.way}-way {shot}-shot (AUSUC {ref.ausuc.mean:.1f})")
+        for r in cells:
+            ax.plot([r.novel.mean], [r.base.mean], markers.get(r.calibration, "x"), color=color, ms=6,
+                    mfc="none" if r.calibration == "none" else color)
+    for cal, m in markers.items():
+        ax.plot([], [], m, color="0.3", label=cal)
+    ax.set_xlabel("novel accuracy in the joint space (%)")
+    ax.set_ylabel("base accuracy in the joint space (%)")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5)
+    return save_figure(fig, path)
