@@ -35,7 +35,9 @@ def support_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand(e, n, n)
     coords = torch.where(ok[:, None, None], chol, torch.zeros((), dtype=gram.dtype, device=gram.device))
     safe = torch.where(ok[:, None, None], chol, eye)
-    transform = torch.linalg.solve_triangular(safe, eye, upper=False)
+    # A contiguous right-hand side: with the stride-0 expanded identity, batched CPU
+    # solve_triangular is ~1000x slower at n = 25 (torch 2.x), identical results.
+    transform = torch.linalg.solve_triangular(safe, eye.contiguous(), upper=False)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         lam, vec = torch.linalg.eigh(gram[bad])

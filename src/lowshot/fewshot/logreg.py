@@ -7,8 +7,10 @@ not penalised)::
 
 By the representer theorem the optimal ``W`` lies in the span of the support features, so we
 solve in orthonormal support coordinates (``basis.py``): ``way * (n + 1)`` unknowns per episode.
-Damped Newton with the exact Hessian and a per-episode backtracking (Armijo) line search — every
-step length is chosen per episode, so episodes never influence each other.
+Truncated Newton (Newton-CG with Hessian-vector products, see ``fit_logreg``) with a per-episode
+backtracking (Armijo) line search: the ``(way (n + 1))^2`` Hessian is never formed, and every CG
+stopping point, step length and convergence test is per episode, so episodes never influence
+each other (results do not depend on how episodes are chunked).
 """
 from __future__ import annotations
 
@@ -18,60 +20,114 @@ from torch import Tensor
 from .basis import gather_rows, inverse_norms, sub_chunk_size, support_basis
 
 _STEPS = torch.tensor([0.5 ** i for i in range(12)], dtype=torch.float64)
-_FIT_BUDGET_BYTES = 1 << 30  # working memory of one batched Newton fit
-_BIAS_RIDGE = 1e-9   # fixes the softmax shift invariance of the intercepts (no effect on predictions)
-
-
-def _objective(logits: Tensor, y1h: Tensor, a_sq: Tensor, l2: float) -> Tensor:
-    return (torch.logsumexp(logits, -1) - (logits * y1h).sum(-1)).sum(-1) + 0.5 * l2 * a_sq
+_FIT_BUDGET_BYTES = 1 << 28  # working memory of one batched Newton-CG fit
+_MAX_CG = 100                # CG iterations per Newton step (a safeguard: a few are typical)
 
 
 def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bool = True,
                max_iter: int = 50, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
-    """Fit on support coordinates ``[E, n, r]`` with labels ``y`` [n]; returns ``(A, b)``."""
+    """Fit on support coordinates ``[E, n, r]`` with labels ``y`` [n]; returns ``(A, b)``.
+
+    Truncated Newton (Newton-CG) with Hessian-vector products only: memory and time per episode
+    are ``O(n q way + q^2)``, never the ``(way q)^2`` Hessian.  Parameters ``theta = [A, b]``
+    (``way x q``) are preconditioned by the exact Hessian at the start (uniform probabilities),
+    ``P = (1/way) Z^T Z + l2 * mask = R^T R`` per class on class-centred directions (where every
+    iterate lives: softmax gradients sum to zero over classes).  In ``u = theta R^T`` with
+    ``Zu = Z R^-1`` the logits are ``Zu u^T``, the penalty is
+    ``(|u|^2 - |logits|^2 / way) / 2`` and ``H v = Zu^T (S (Zu v^T) - Zu v^T / way) + v``
+    (``S_j = diag(p_j) - p_j p_j^T``), so CG needs two small batched matmuls per iteration and
+    starts at ``H = I``.  Every episode has its own CG stopping rule, step length and Newton
+    stopping test (``max |dF/dtheta| < tol``); finished episodes leave the batch.
+    """
     e, n, _ = coords.shape
     dt, dev = coords.dtype, coords.device
     ones = torch.ones(e, n, 1, dtype=dt, device=dev) if fit_intercept else coords.new_zeros(e, n, 0)
     z = torch.cat([coords, ones], -1)                                # [e, n, q]
     q = z.shape[-1]
-    y1h = torch.nn.functional.one_hot(y.to(dev), way).to(dt).expand(e, n, way)
-    theta = torch.zeros(e, way, q, dtype=dt, device=dev)
+    y1h = torch.nn.functional.one_hot(y.to(dev), way).to(dt).unsqueeze(0)   # [1, n, way]
     mask = torch.ones(q, dtype=dt, device=dev)
     if fit_intercept:
         mask[-1] = 0.0                                               # intercept not penalised
-    ridge = (l2 * mask + _BIAS_RIDGE * (1 - mask)).repeat(way)       # Hessian diagonal add-on
-    zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).reshape(e, n, q * q)
-    steps = _STEPS.to(dev, dt)
+    prec = torch.bmm(z.transpose(1, 2), z).div_(way)
+    prec.diagonal(dim1=-2, dim2=-1).add_(l2 * mask)
+    low, _ = torch.linalg.cholesky_ex(prec)                          # P = low low^T, R = low^T
+    eye = torch.eye(q, dtype=dt, device=dev).expand(e, q, q).contiguous()
+    linv = torch.linalg.solve_triangular(low, eye, upper=False)     # R^-T
+    zu = torch.bmm(z, linv.transpose(1, 2))                          # Z R^-1: [e, n, q]
+    inv_way = 1.0 / way
+    out = torch.zeros(e, way, q, dtype=dt, device=dev)
+    steps = _STEPS.to(dev, dt)[1:]
+    tiny = torch.finfo(dt).tiny
+    # Working set: the episodes still fitting, compacted when some finish.
+    idx, u, zi, lo = torch.arange(e, device=dev), out.clone(), zu, low
+    logits = torch.zeros(e, n, way, dtype=dt, device=dev)
+
+    def drop(keep: Tensor, *more: Tensor) -> tuple[Tensor, ...]:
+        nonlocal idx, u, zi, lo
+        out[idx[~keep]] = u[~keep]
+        k = keep.nonzero().flatten()
+        idx, u, zi, lo = idx[k], u[k], zi[k], lo[k]
+        return tuple(m[k] for m in more)
+
+    def objective(lg: Tensor, u_sq: Tensor) -> Tensor:
+        ce = (torch.logsumexp(lg, -1) - (lg * y1h).sum(-1)).sum(-1)
+        return ce + 0.5 * (u_sq - inv_way * lg.square().sum((-2, -1)))
+
     for _ in range(max_iter):
-        logits = torch.bmm(z, theta.transpose(1, 2))                 # [e, n, way]
         prob = torch.softmax(logits, -1)
-        grad = torch.bmm((prob - y1h).transpose(1, 2), z) + l2 * theta * mask   # [e, way, q]
-        active = grad.abs().amax((1, 2)) >= tol      # per-episode stop: chunking-invariant
-        if not bool(active.any()):
-            break
-        s = torch.diag_embed(prob) - prob.unsqueeze(-1) * prob.unsqueeze(-2)    # [e, n, way, way]
-        hess = torch.bmm(s.reshape(e, n, way * way).transpose(1, 2), zz)
-        hess = hess.view(e, way, way, q, q).permute(0, 1, 3, 2, 4).reshape(e, way * q, way * q)
-        hess.diagonal(dim1=-2, dim2=-1).add_(ridge)
-        chol, _ = torch.linalg.cholesky_ex(hess)
-        step = -torch.cholesky_solve(grad.reshape(e, -1, 1), chol).view(e, way, q)
-        if fit_intercept:   # keep intercepts zero-mean: the softmax ignores their common shift
-            step[..., -1] -= step[..., -1].mean(-1, keepdim=True)
-        # Per-episode backtracking: evaluate all candidate step lengths at once.
-        d_logits = torch.bmm(z, step.transpose(1, 2))
-        cand = logits.unsqueeze(1) + steps.view(1, -1, 1, 1) * d_logits.unsqueeze(1)
-        ta, ts = theta * mask, step * mask
-        a_sq = (ta.pow(2).sum((1, 2)).unsqueeze(1) + 2 * steps * (ta * ts).sum((1, 2)).unsqueeze(1)
-                + steps.pow(2) * ts.pow(2).sum((1, 2)).unsqueeze(1))
-        f = _objective(cand, y1h.unsqueeze(1), a_sq, l2)                 # [e, len(steps)]
-        f0 = _objective(logits, y1h, ta.pow(2).sum((1, 2)), l2)
-        slope = (grad * step).sum((1, 2))
-        ok = f <= f0.unsqueeze(1) + 1e-4 * steps * slope.unsqueeze(1)
-        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(slope, -1, dtype=torch.long))
-        t = torch.where((first >= 0) & active, steps[first.clamp_min(0)], torch.zeros_like(slope))
-        if not bool((t > 0).any()):
-            break                    # every episode is at the optimum up to rounding
-        theta = theta + t.view(e, 1, 1) * step
+        grad = torch.baddbmm(u, (prob - y1h - inv_way * logits).transpose(1, 2), zi)
+        gmax = torch.bmm(grad, lo.transpose(1, 2)).abs().amax((1, 2))   # dF/dtheta = grad R
+        active = gmax >= tol                                         # per-episode stop
+        if not bool(active.all()):
+            logits, prob, grad = drop(active, logits, prob, grad)
+            if idx.numel() == 0:
+                break
+        # CG on H d = -g, each episode to its own relative residual (forcing min(0.5, sqrt|g|)).
+        gsq = grad.square().sum((1, 2))
+        target = gsq * gsq.sqrt().clamp(max=0.25)
+        d = torch.zeros_like(grad)
+        dl = torch.zeros_like(logits)                                # Zu d^T, accumulated
+        r = -grad
+        p = r
+        rs = gsq
+        for _ in range(_MAX_CG):
+            going = rs > target
+            if not bool(going.any()):
+                break
+            zp = torch.bmm(zi, p.transpose(1, 2))                    # [a, n, way]
+            sz = prob * (zp - (prob * zp).sum(-1, keepdim=True)) - inv_way * zp
+            hp = torch.baddbmm(p, sz.transpose(1, 2), zi)
+            php = (p * hp).sum((1, 2))
+            alpha = torch.where(going & (php > 0), rs / php.clamp_min(tiny), torch.zeros_like(rs))
+            d.add_(alpha.view(-1, 1, 1) * p)
+            dl.add_(alpha.view(-1, 1, 1) * zp)
+            r.sub_(alpha.view(-1, 1, 1) * hp)
+            rs_new = r.square().sum((1, 2))
+            beta = torch.where(going, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
+            p = torch.where(going.view(-1, 1, 1), r + beta.view(-1, 1, 1) * p, p)
+            rs = torch.where(going, rs_new, rs)
+        # Per-episode backtracking (Armijo): the full step first, shorter ones where it fails.
+        uu, ud, dd = u.square().sum((1, 2)), (u * d).sum((1, 2)), d.square().sum((1, 2))
+        f0 = objective(logits, uu)
+        slope = (grad * d).sum((1, 2))
+        f1 = objective(logits + dl, uu + 2 * ud + dd)
+        t = ((f1 <= f0 + 1e-4 * slope) & (slope < 0)).to(dt)
+        retry = ((t == 0) & (slope < 0)).nonzero().flatten()
+        if retry.numel():
+            cand = logits[retry].unsqueeze(1) + steps.view(1, -1, 1, 1) * dl[retry].unsqueeze(1)
+            u_sq = uu[retry, None] + 2 * steps * ud[retry, None] + steps.square() * dd[retry, None]
+            f = objective(cand, u_sq)                                # [retry, len(steps)]
+            ok = f <= f0[retry, None] + 1e-4 * steps * slope[retry, None]
+            t[retry] = torch.where(ok.any(1), steps[ok.to(torch.uint8).argmax(1)], torch.zeros_like(f0[retry]))
+        u = u + t.view(-1, 1, 1) * d
+        logits = logits + t.view(-1, 1, 1) * dl
+        moved = t > 0
+        if not bool(moved.all()):  # an episode that cannot descend further is at its optimum
+            (logits,) = drop(moved, logits)
+            if idx.numel() == 0:
+                break
+    out[idx] = u
+    theta = torch.bmm(out, linv)                                     # u R^-T
     if fit_intercept:
         return theta[..., :-1], theta[..., -1]
     return theta, torch.zeros(e, way, dtype=dt, device=dev)
@@ -95,10 +151,10 @@ def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
         gram[s:s + sub] = torch.bmm(x, x.transpose(1, 2)) * sc.unsqueeze(1) * sc.unsqueeze(2)
     coords, transform = support_basis(gram)
     y = torch.arange(way).repeat_interleave(shot)
-    # Newton's Hessian is (way*q)^2 per episode (q = basis size + 1): 20-way 5-shot is ~33 MB per episode,
-    # so fit in sub-chunks under a fixed memory budget (episodes are independent: results unchanged).
+    # Newton-CG needs O(n q + q^2 + way (n + q)) floats per episode (q = basis size + 1; no Hessian);
+    # fit in sub-chunks under a fixed memory budget (episodes are independent: results unchanged).
     q = coords.shape[-1] + 1
-    per_episode = 8 * (3 * (way * q) ** 2 + n * q * q + 2 * n * way * way + 4 * n * way)
+    per_episode = 8 * (4 * n * q + 5 * q * q + 12 * way * q + 32 * n * way)
     step = max(1, _FIT_BUDGET_BYTES // per_episode)
     parts = [fit_logreg(coords[s:s + step], y, way, 1.0 / C, fit_intercept, max_iter, tol)
              for s in range(0, e, step)]
