@@ -141,3 +141,15 @@ def test_within_group_errors_name_the_groups():
         sample_episodes(labels, 3, 1, 2, 10, seed=0, groups=bad)
     with pytest.raises(DataError, match="one id per sample"):
         sample_episodes(labels, 3, 1, 2, 10, seed=0, groups=groups[:-1])
+
+
+def test_sample_groups_reads_class_metadata_per_sample_and_names_missing_keys():
+    from lowshot.data.base import TensorImageDataset
+    images = torch.zeros(5, 1, 4, 4, dtype=torch.uint8)
+    ds = TensorImageDataset(images, torch.tensor([0, 2, 1, 2, 0]), ["a", "b", "c"],
+                            class_meta={"alphabet": ["Greek", "Latin", "Greek"]})
+    assert ds.sample_groups("alphabet") == ["Greek", "Greek", "Latin", "Greek", "Greek"]
+    sub = ds.select_classes([2, 1])  # views keep per-class metadata aligned with the remapped labels
+    assert sub.sample_groups("alphabet") == ["Greek", "Latin", "Greek"]
+    with pytest.raises(DataError, match="no class metadata 'drawer'.*available: alphabet"):
+        ds.sample_groups("drawer")

@@ -49,6 +49,19 @@ class ImageDataset(Dataset):
     def describe(self) -> str:
         return f"{type(self).__name__}: {len(self)} images, {self.num_classes} classes"
 
+    def sample_groups(self, key: str) -> list[Any]:
+        """One group id per sample from the per-class metadata ``class_meta[key]``.
+
+        The input of within-group episodes (``sample_episodes(..., groups=)``), e.g. ``"alphabet"``
+        for Omniglot; an unknown key is one error naming the keys this dataset has.
+        """
+        if key not in self.class_meta:
+            have = ", ".join(sorted(self.class_meta)) or "none"
+            raise DataError(f"{type(self).__name__} has no class metadata {key!r} to group episodes by "
+                            f"(available: {have})")
+        per_class = self.class_meta[key]
+        return [per_class[int(y)] for y in self.labels.tolist()]
+
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "ImageDataset":
         """A view on some samples; labels and class names unchanged."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
