@@ -16,9 +16,10 @@ OPTIONS = "data.options={max_per_class: 60, val_per_class: 10, imbalance_factor:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """An untrained (0-epoch) but complete Fashion-MNIST-LT checkpoint: the CLI plumbing is under test."""
+    """A barely trained (one step) but complete Fashion-MNIST-LT checkpoint: the CLI plumbing is under test."""
     cfg = load_config(ROOT / "configs/fashion_mnist_lt/conv4_joint.yaml",
-                      [OPTIONS, "train.epochs=0", "train.progress=false", "data.test_split=null"])
+                      [OPTIONS, "train.epochs=1", "train.max_steps_per_epoch=1", "train.progress=false",
+                       "data.test_split=null"])
     run_dir = tmp_path_factory.mktemp("cli_run")
     train(cfg, run_dir, overwrite=True, log=lambda _m: None)
     return run_dir / "last.pt"

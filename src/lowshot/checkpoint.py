@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .errors import CheckpointError
+from .utils import default_mode
 
 CHECKPOINT_VERSION = 1
 
@@ -21,15 +23,19 @@ CHECKPOINT_VERSION = 1
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename.
 
-    A crash at any point leaves either the old file or the new one, never a truncated file.
+    A crash at any point leaves either the old file or the new one, never a truncated file (a
+    ``.NAME.*.tmp`` file may stay behind; a run directory's lock owner removes those). The file
+    gets the umask's usual mode, not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
+            _test_pause(path)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -40,6 +46,20 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         raise
     _fsync_dir(path.parent)
     return path
+
+
+PAUSE_ENV = "LOWSHOT_TEST_WRITE_PAUSE"
+
+
+def _test_pause(path: Path) -> None:
+    """Test hook: ``LOWSHOT_TEST_WRITE_PAUSE=last.pt:2`` sleeps 2 s inside every write of a file named
+    ``last.pt`` (data written, not yet renamed), so a test can kill a process in the middle of a write."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, seconds = spec.rpartition(":")
+    if name == path.name:
+        time.sleep(float(seconds))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -17,11 +17,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
     if args.resume:
-        if args.config or args.overrides:
-            raise LowshotError("--resume continues a run with the config stored in its checkpoint; "
-                               "drop CONFIG and key=value overrides (start a new run to change them)")
-        cfg = load_config(None)  # replaced by the checkpoint's own config
-        res = train(cfg, args.resume, resume=True)
+        from pathlib import Path
+        overrides = ([args.config] if args.config else []) + list(args.overrides)  # argparse puts key=value first
+        if args.config and "=" not in args.config:
+            raise LowshotError("--resume continues a run with the config stored in its checkpoint; drop CONFIG "
+                               "(only train.epochs=N and a few other keys may change: see docs/runs.md)")
+        if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+            raise LowshotError(f"--resume {args.resume} continues that run in its own folder; drop --run-dir "
+                               f"{args.run_dir} (copy the folder first to continue it elsewhere)")
+        if args.overwrite:
+            raise LowshotError("--resume and --overwrite exclude each other")
+        res = train(load_config(None), args.resume, resume=True, overrides=overrides)  # the checkpoint's config
     else:
         if args.config is None:
             raise LowshotError("lowshot train needs a CONFIG file (e.g. configs/fashion_mnist/conv4_neg_cosine.yaml) "
@@ -85,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (configs/...)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. head.margin=-0.02")
     t.add_argument("--run-dir", help="run directory (default: OUT_DIR/NAME from the config)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly (train.epochs=N "
+                   "extends a finished one)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(func=cmd_train)
 

@@ -18,32 +18,34 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
-from .config import Config, ScheduleConfig, config_from_checkpoint, dump_yaml, to_dict
+from .checkpoint import atomic_write, save_checkpoint, write_text_atomic
+from .config import Config, ScheduleConfig, apply_overrides, dump_yaml, to_dict
 from .data import build_dataset
 from .data.base import ImageDataset
 from .distributed import (DistContext, all_gather_object, all_reduce, broadcast_buffers, convert_sync_batchnorm,
                           evaluate_fewshot, extract_features_distributed, init_distributed, is_distributed,
                           rank0_decides, rank0_first, shard_indices, shutdown)
-from .errors import ConfigError, DataError, LowshotError
+from .errors import CheckpointError, ConfigError, DataError, LowshotError
 from .loader import BatchLoader
 from .models import Classifier, build_model
+from .rundir import RunDirLock, clear_run_dir, inspect_new_run_dir, open_resume, remove_temp_leftovers
 from .utils import (append_jsonl, progress, read_jsonl, rng_state, seed_everything, set_rng_state,
                     truncate_jsonl)
 
 
 class TrainingDiverged(LowshotError):
-    """The loss became NaN/Inf; the last checkpoint on disk is the last good state."""
+    """The loss, a weight, a buffer or an optimiser state became NaN/Inf; nothing diverged was saved,
+    so the checkpoints on disk are the last good state."""
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -155,19 +157,20 @@ def write_metrics_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
 
 
-def prepare_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool, overwrite: bool) -> Path:
-    path = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
-    if resume:
-        if not (path / "last.pt").is_file():
-            raise ConfigError(f"cannot resume: {path / 'last.pt'} does not exist")
-        return path
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {path} is not empty: resume it with --resume {path}, "
-                              f"choose another name=..., or pass --overwrite")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def resolve_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
+    return Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+
+
+def check_protocol(ds: ImageDataset, way: int, shot: int, query: int, keys: str, split: str) -> None:
+    """Refuse an episode protocol the split cannot serve, before any run directory exists
+    (the same check ``sample_episodes`` makes when the episodes are drawn)."""
+    from .fewshot import sample_episodes
+    try:
+        sample_episodes(ds.labels, way=way, shot=shot, query=query, episodes=1, seed=0,
+                        class_names=list(ds.class_names))
+    except DataError as e:
+        raise ConfigError(f"config keys {keys}: {way}-way {shot}-shot episodes with {query} queries do not fit "
+                          f"split {split!r} ({ds.num_classes} classes): {e}") from None
 
 
 
@@ -203,6 +206,12 @@ class FiniteGuard:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self.saved: tuple[int, int] | None = None  # (epoch as counted in messages, step) of the newest checkpoint
+
+    def last_good(self) -> str:
+        if self.saved is None:
+            return "No checkpoint was written"
+        return f"The last good checkpoint is {self.run_dir / 'last.pt'} (epoch {self.saved[0]}, step {self.saved[1]})"
 
     def record(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         self.pending.append((torch.isfinite(loss), loss, epoch, step))
@@ -218,31 +227,52 @@ class FiniteGuard:
             _, loss, epoch, step = self.pending[int(torch.nonzero(bad)[0])]
             value = float(loss)
             what = f"loss is {value}" if not math.isfinite(value) else "the loss of another process is not finite"
-            raise TrainingDiverged(
-                f"{what} at epoch {epoch}, step {step}; stopped. The last good checkpoint is "
-                f"{self.run_dir / 'last.pt'} (try a lower optim.lr or train.grad_clip)")
+            raise TrainingDiverged(f"{what} at epoch {epoch}, step {step}; stopped. {self.last_good()} "
+                                   f"(try a lower optim.lr or train.grad_clip)")
         self.pending.clear()
+
+    def check_state(self, named: list[tuple[str, torch.Tensor]], epoch: int, step: int) -> None:
+        """Every weight, buffer and optimiser state must be finite before a save: a finite loss can
+        hide weights that overflowed in the last update or BatchNorm variances that reached inf."""
+        if not named:
+            return
+        flags = torch.stack([torch.isfinite(t).all() for _, t in named])
+        bad = all_reduce((~flags).to(torch.int32), "max").cpu()
+        if bool(bad.any()):
+            name = named[int(torch.nonzero(bad)[0])][0]
+            raise TrainingDiverged(f"{name} is not finite at epoch {epoch}, step {step}; stopped without saving. "
+                                   f"{self.last_good()} (try a lower optim.lr or train.grad_clip)")
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-          log: Callable[[str], None] = print, stop_after_steps: int | None = None) -> dict[str, Any]:
+          overrides: Sequence[str] = (), log: Callable[[str], None] = print,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train and return the final metrics record (also the run directory under ``'run_dir'``).
 
-    ``stop_after_steps`` ends the run early after that many global steps (used by tests to simulate
-    an interruption at a known point). Under ``torchrun`` every process calls this; only rank 0
-    logs and writes files, and all return the same record.
+    A resume ignores ``cfg``: it continues ``run_dir/last.pt`` with the config stored there, after
+    checking it against ``config.yaml`` / ``best.pt``; ``overrides`` may change only the keys of
+    ``rundir.RESUME_SAFE_KEYS`` (``train.epochs=N`` extends a finished run). Without resume,
+    ``overrides`` are applied to ``cfg``. Everything (config, registry names, data, protocols) is
+    checked before the run directory is created or touched, and the directory is locked while
+    training. ``stop_after_steps`` ends the run early after that many global steps (used by tests
+    to simulate an interruption at a known point). Under ``torchrun`` every process calls this;
+    only rank 0 logs and writes files, and all return the same record.
     """
-    ckpt = None
+    ckpt, changed = None, []
     if resume:  # read-only, so every process can do it before the process group exists
-        run_dir = prepare_run_dir(cfg, run_dir, True, False)
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        cfg = config_from_checkpoint(ckpt["config"])
+        if run_dir is None:
+            raise ConfigError("resume needs the run directory to continue")
+        run_dir, ckpt, cfg, changed = open_resume(run_dir, overrides)
+    elif overrides:
+        cfg = apply_overrides(cfg, overrides)
     ctx = init_distributed(cfg.train.device)
+    lock = RunDirLock(resolve_run_dir(cfg, run_dir))
     try:
-        return _train(cfg, run_dir, ckpt, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps)
+        return _train(cfg, lock, ckpt, changed, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps)
     finally:
+        lock.release()
         shutdown(ctx)
 
 
@@ -259,27 +289,88 @@ def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDat
     return train_set, test_set, val_set
 
 
-def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None, ctx: DistContext, *,
+def _load_state(path: Path, ckpt: dict[str, Any], cfg: Config, model: Classifier, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler) -> None:
+    """Restore a resumed run's state; weights of another architecture are one clear error, not a traceback."""
+    parts = (("model", model.backbone, f"backbone {cfg.model.backbone!r}"), ("head", model.head, f"head {cfg.head.name!r}"),
+             ("optimizer", optimizer, f"optimizer {cfg.optim.name!r}"))
+    for key, module, what in parts:
+        try:
+            module.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"cannot resume: the {key} weights in {path} do not fit the {what} built from "
+                                  f"its config: {first}") from None
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+
+
+def _claim_early(lock: RunDirLock, resume: bool, overwrite: bool) -> None:
+    """Lock an existing run directory before the slow part, so a second training into it stops at once."""
+    if lock.path.is_dir():
+        lock.acquire()
+    if not resume:
+        inspect_new_run_dir(lock.path, overwrite)  # read-only: refuses a run directory in use by a finished run
+
+
+def _claim(lock: RunDirLock, cfg: Config, ckpt: dict[str, Any] | None, changed: list[str], overwrite: bool,
+           say: Callable[[str], None]) -> None:
+    """Everything is validated: now create / lock / empty the run directory and write config.yaml."""
+    path = lock.path
+    if ckpt is None:
+        path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        state = inspect_new_run_dir(path, overwrite)  # again, under the lock
+        if state in ("overwrite", "failed start"):
+            if state == "failed start":
+                say(f"note: {path} holds a run that stopped before its first checkpoint; starting it again")
+            clear_run_dir(path)
+    else:
+        lock.acquire()
+    remove_temp_leftovers(path)  # temp files of writes killed midway (we hold the lock: no writer is active)
+    if ckpt is not None and changed:
+        say(f"resume with {', '.join(changed)}")
+        ckpt["config"] = to_dict(cfg)  # checkpoint first: config.yaml and last.pt must agree for the next resume
+        save_checkpoint(ckpt, path / "last.pt")
+    if ckpt is None or changed or not (path / "config.yaml").is_file():
+        write_text_atomic(path / "config.yaml", dump_yaml(cfg))
+
+
+def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: list[str], ctx: DistContext, *,
            overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None) -> dict[str, Any]:
     t, device, world, main = cfg.train, ctx.device, ctx.world_size, ctx.is_main
     say = log if main else (lambda _msg: None)
+    if t.epochs < 1:
+        raise ConfigError(f"config key 'train.epochs': must be >= 1, got {t.epochs} (a run of no epochs "
+                          f"would save an untrained model)")
     if t.batch_size % world:
         raise ConfigError(f"config key 'train.batch_size': the global batch {t.batch_size} must be divisible by "
                           f"the {world} processes (each takes batch_size / processes samples)")
     if t.nan_check_every < 1:
         raise ConfigError("config key 'train.nan_check_every' must be >= 1")
+    if t.checkpoint_every < 0:
+        raise ConfigError("config key 'train.checkpoint_every' must be >= 0 (0: only at epoch ends)")
     local_batch = t.batch_size // world
-
-    # -- run directory and config (a resumed run uses the config stored in its checkpoint)
-    if ckpt is None:
-        run_dir = rank0_decides(lambda: prepare_run_dir(cfg, run_dir, False, overwrite))
-    run_dir = Path(run_dir)  # type: ignore[arg-type]
-    if main:
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    run_dir = lock.path
+    rank0_decides(lambda: _claim_early(lock, ckpt is not None, overwrite))
     seed_everything(t.seed)  # same on every rank: identical data views and model initialisation
 
-    # -- data (rank 0 first: a download or cache build happens once)
+    # -- data (rank 0 first: a download or cache build happens once); nothing is written before the
+    #    data, the model and the protocols are known to work, so a failed start leaves no folder
     train_set, test_set, val_set = rank0_first(lambda: _load_sets(cfg))
+    if ckpt is not None and list(ckpt["class_names"]) != list(train_set.class_names):
+        raise CheckpointError(f"cannot resume {run_dir}: last.pt was trained on {len(ckpt['class_names'])} classes "
+                              f"({', '.join(map(str, ckpt['class_names'][:3]))}, ...) but {cfg.data.name!r} split "
+                              f"{cfg.data.train_split!r} now has {train_set.num_classes} "
+                              f"({', '.join(map(str, train_set.class_names[:3]))}, ...)")
+    if val_set is not None:
+        v = cfg.val
+        check_protocol(val_set, v.way, v.shot, v.query, "val.way/shot/query", cfg.data.val_split or "")
+    if ckpt is None and cfg.data.novel_split and cfg.eval.shots:
+        e = cfg.eval
+        novel = rank0_first(lambda: load_split(cfg, cfg.data.novel_split or ""))
+        check_protocol(novel, e.way, max(e.shots), e.query, "eval.way/shots/query", cfg.data.novel_split)
+        del novel
     train_tf, test_tf, data_meta = make_transforms(cfg, train_set)
     say(f"data: {cfg.data.name} {cfg.data.train_split}: {len(train_set)} images, {train_set.num_classes} classes"
         + (f"; {cfg.data.test_split}: {len(test_set)}" if test_set is not None else "")
@@ -315,12 +406,11 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
     stored = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     best: float | None = None
     if ckpt is not None:
-        model.backbone.load_state_dict(ckpt["model"])
-        model.head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        _load_state(run_dir / "last.pt", ckpt, cfg, model, optimizer, scaler)
         epoch, step, epoch_step = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+    # -- all checks passed: only now the run directory is created (or emptied) and locked
+    rank0_decides(lambda: _claim(lock, cfg, ckpt, changed, overwrite, say))
+    if ckpt is not None:
         stored, best = dict(ckpt["epoch_stats"]), ckpt.get("best")
         if main:
             truncate_jsonl(run_dir / "metrics.jsonl",
@@ -351,6 +441,21 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
         correct += int(stored["correct"])
         seen = int(stored["seen"])
     guard = FiniteGuard(run_dir)
+    if ckpt is not None:
+        guard.saved = (int(ckpt["epoch"]) + (1 if ckpt["epoch_step"] else 0), int(ckpt["step"]))
+
+    def named_state() -> list[tuple[str, torch.Tensor]]:
+        """Every floating tensor a checkpoint stores: weights, buffers (BatchNorm statistics), optimiser state."""
+        out = [(f"{prefix}.{name}", v) for prefix, module in (("backbone", model.backbone), ("head", model.head))
+               for name, v in itertools.chain(module.named_parameters(), module.named_buffers())]
+        out += [(f"optimizer state {key} of parameter {i}", v) for i, st in enumerate(optimizer.state.values())
+                for key, v in st.items() if isinstance(v, torch.Tensor)]
+        return [(n, v.detach()) for n, v in out if v.is_floating_point()]
+
+    def check_finite() -> None:
+        """Collective: the loss of every recorded step and the current state must be finite."""
+        guard.check()
+        guard.check_state(named_state(), epoch if epoch_step == 0 else epoch + 1, step)
 
     def epoch_stats() -> dict[str, Any]:
         """Global sums over processes (collective)."""
@@ -360,8 +465,8 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
         return {"loss_sum": total[0], "correct": int(total[1]), "seen": int(total[2]), "seconds": seconds}
 
     def save_state(paths: list[Path]) -> None:
-        """Collective: check the loss, reduce statistics, gather RNG streams; rank 0 writes."""
-        guard.check()
+        """Collective: check loss and state, reduce statistics, gather RNG streams; rank 0 writes."""
+        check_finite()  # never replace the last finite last.pt / best.pt with a diverged state
         stats = epoch_stats()
         streams = all_gather_object(rng_state()) if world > 1 else None
         if not main:
@@ -375,6 +480,7 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
             obj.update(world_size=world, rng_ranks=streams)
         for path in paths:
             save_checkpoint(obj, path)
+        guard.saved = (epoch if epoch_step == 0 else epoch + 1, step)
 
     last: dict[str, Any] = {}
     num_classes = train_set.num_classes
@@ -424,7 +530,7 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
             if stop_after_steps is not None and step >= stop_after_steps:
                 guard.check()
                 return {"stopped_at_step": step, "run_dir": str(run_dir)}
-        guard.check()
+        check_finite()  # before evaluating and logging the epoch: a diverged epoch leaves no record
         seconds += time.perf_counter() - tick
 
         # -- epoch end: evaluate (without disturbing the training RNG), log, checkpoint
@@ -461,8 +567,10 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         last = record
 
-    if rank0_decides(lambda: not (run_dir / "last.pt").exists()):  # zero epochs: still leave a checkpoint
-        save_state([run_dir / "last.pt"])
-    if main and not (run_dir / "best.pt").exists():
-        shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
+    if not last and main:
+        say(f"{run_dir} has already trained its {t.epochs} epochs; nothing to do (train longer with "
+            f"`lowshot train --resume {run_dir} train.epochs=N`)")
+    if main and not (run_dir / "best.pt").exists():  # no epoch had the monitored metric
+        data = (run_dir / "last.pt").read_bytes()
+        atomic_write(run_dir / "best.pt", lambda f: f.write(data))
     return {**last, "run_dir": str(run_dir)}

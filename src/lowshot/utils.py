@@ -52,6 +52,29 @@ def _py_state_to_list() -> list[Any]:
     return [version, list(internal), gauss]
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is set-and-get)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions ``open()`` / ``mkdir()`` would give: 0o666 / 0o777 minus the umask.
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 whatever the umask; files renamed into
+    place from them get this mode instead, so colleagues can read shared runs when the umask says so.
+    """
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync: a crash can at worst tear the last line."""
     line = json.dumps(_jsonable(record), sort_keys=False)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
+from ..utils import default_mode
 
 _CHUNK = 1 << 20
 
@@ -48,6 +49,7 @@ def download_url(url: str, dest_path: str | os.PathLike, md5: str | None = None,
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
+        os.fchmod(fd, default_mode())  # mkstemp's 0600 would hide a shared dataset from colleagues
         digest = hashlib.md5(usedforsecurity=False)
         done = 0
         with os.fdopen(fd, "wb") as out:
@@ -196,7 +198,7 @@ def _write(m: _Member, root: str, opener: Callable[[object], object]) -> None:
     else:
         with opener(m.src) as fin, open(path, "wb") as fout:  # type: ignore[attr-defined]
             shutil.copyfileobj(fin, fout, _CHUNK)
-        os.chmod(path, 0o755 if m.mode & 0o111 else 0o644)
+        os.chmod(path, default_mode(directory=bool(m.mode & 0o111)))  # rw (rwx if executable) minus the umask
 
 
 def _verify_links(members: list[_Member], root: str, archive: Path) -> None:
@@ -224,6 +226,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extract-")
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would become dest's mode
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 members = _zip_members(zf, archive)
