@@ -49,17 +49,21 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
 
 
 PAUSE_ENV = "LOWSHOT_TEST_WRITE_PAUSE"
+_writes_seen: dict[str, int] = {}
 
 
 def _test_pause(path: Path) -> None:
-    """Test hook: ``LOWSHOT_TEST_WRITE_PAUSE=last.pt:2`` sleeps 2 s inside every write of a file named
-    ``last.pt`` (data written, not yet renamed), so a test can kill a process in the middle of a write."""
+    """Test hook: ``LOWSHOT_TEST_WRITE_PAUSE=last.pt:30:4`` lets 4 writes of files named ``last.pt``
+    through, then sleeps 30 s inside each later one (data written, not yet fsynced nor renamed), so a
+    test can kill the process in the middle of a checkpoint write. Unset: no effect."""
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
         return
-    name, _, seconds = spec.rpartition(":")
+    name, seconds, skip = (spec.split(":") + ["0"])[:3]
     if name == path.name:
-        time.sleep(float(seconds))
+        _writes_seen[name] = _writes_seen.get(name, 0) + 1
+        if _writes_seen[name] > int(skip):
+            time.sleep(float(seconds))
 
 
 def _fsync_dir(directory: Path) -> None:

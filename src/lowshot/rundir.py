@@ -107,8 +107,8 @@ def remove_temp_leftovers(path: Path) -> None:
 def inspect_new_run_dir(path: Path, overwrite: bool) -> str:
     """``'absent'``, ``'empty'``, ``'overwrite'`` or ``'failed start'``; raises ConfigError otherwise.
 
-    A failed start (no checkpoint, only files a run writes before its first checkpoint) holds nothing
-    worth keeping, so the same command simply runs again.
+    A failed start (no ``last.pt`` to resume, only files a run writes before it) holds nothing worth
+    keeping, so the same command simply runs again.
     """
     if not path.exists():
         return "absent"
@@ -119,8 +119,8 @@ def inspect_new_run_dir(path: Path, overwrite: bool) -> str:
         return "empty"
     if overwrite:
         return "overwrite"
-    if not set(names) & set(CHECKPOINTS) and set(names) <= BEFORE_FIRST_CHECKPOINT:
-        return "failed start"
+    if "last.pt" not in names and set(names) <= BEFORE_FIRST_CHECKPOINT | {"best.pt"}:
+        return "failed start"  # (a best.pt without last.pt: killed between the two writes of epoch 1)
     raise ConfigError(f"run directory {path} is not empty: resume it with --resume {path}, "
                       f"choose another name=..., or pass --overwrite")
 

@@ -323,7 +323,7 @@ def _claim(lock: RunDirLock, cfg: Config, ckpt: dict[str, Any] | None, changed: 
         state = inspect_new_run_dir(path, overwrite)  # again, under the lock
         if state in ("overwrite", "failed start"):
             if state == "failed start":
-                say(f"note: {path} holds a run that stopped before its first checkpoint; starting it again")
+                say(f"note: {path} holds a run that stopped before its first last.pt; starting it again")
             clear_run_dir(path)
     else:
         lock.acquire()
@@ -568,7 +568,7 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
         last = record
 
     if not last and main:
-        say(f"{run_dir} has already trained its {t.epochs} epochs; nothing to do (train longer with "
+        say(f"{run_dir} is finished (epoch {t.epochs} of {t.epochs}); nothing to do (train longer with "
             f"`lowshot train --resume {run_dir} train.epochs=N`)")
     if main and not (run_dir / "best.pt").exists():  # no epoch had the monitored metric
         data = (run_dir / "last.pt").read_bytes()
