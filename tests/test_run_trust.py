@@ -206,6 +206,7 @@ def test_extend_a_finished_run_with_more_epochs_only(run_copy: Path, capsys: pyt
 @pytest.mark.parametrize("bad, named", [
     ("head.name=nope", "head"), ("model.backbone=nope", "backbone"), ("data.name=nope", "dataset"),
     ("head.margin=.nan", "margin"), ("val.way=50", "val.way"), ("eval.way=50", "eval.way"),
+    ("val.method=nope", "val.method"), ("val.options={lr_typo: 1}", "lr_typo"),
     ("train.epochs=0", "train.epochs"),  # issue item 12: an untrained best.pt, without a word
 ])
 def test_invalid_run_is_refused_before_the_run_dir_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -173,6 +173,15 @@ def check_protocol(ds: ImageDataset, way: int, shot: int, query: int, keys: str,
                           f"split {split!r} ({ds.num_classes} classes): {e}") from None
 
 
+def check_method(cfg: Config, method: str, options: dict[str, Any], section: str) -> None:
+    """Build the few-shot method once: an unknown name or option must not surface after an epoch."""
+    from .fewshot.evaluators import create_method
+    try:
+        create_method(method, **_fewshot_method_kwargs(cfg, method, options))
+    except ConfigError as e:
+        raise ConfigError(f"config key '{section}.method' / '{section}.options': {e}") from None
+
+
 
 def build_train_sampler(cfg: Config, labels: torch.Tensor, num_replicas: int = 1, rank: int = 0) -> Any:
     """The training sampler; under DDP every rank takes every R-th position of one shared draw."""
@@ -299,7 +308,8 @@ def _load_state(path: Path, ckpt: dict[str, Any], cfg: Config, model: Classifier
             module.load_state_dict(ckpt[key])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise CheckpointError(f"cannot resume: the {key} weights in {path} do not fit the {what} built from "
+            kind = "state" if key == "optimizer" else "weights"
+            raise CheckpointError(f"cannot resume: the {key} {kind} in {path} do not fit the {what} built from "
                                   f"its config: {first}") from None
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -366,10 +376,12 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
     if val_set is not None:
         v = cfg.val
         check_protocol(val_set, v.way, v.shot, v.query, "val.way/shot/query", cfg.data.val_split or "")
+        check_method(cfg, v.method, v.options, "val")
     if ckpt is None and cfg.data.novel_split and cfg.eval.shots:
         e = cfg.eval
         novel = rank0_first(lambda: load_split(cfg, cfg.data.novel_split or ""))
         check_protocol(novel, e.way, max(e.shots), e.query, "eval.way/shots/query", cfg.data.novel_split)
+        check_method(cfg, e.method, e.options, "eval")
         del novel
     train_tf, test_tf, data_meta = make_transforms(cfg, train_set)
     say(f"data: {cfg.data.name} {cfg.data.train_split}: {len(train_set)} images, {train_set.num_classes} classes"
