@@ -168,12 +168,14 @@ def check_resume_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         set_dotted({}, key, value)  # unknown keys get the usual "did you mean" message
         if key not in RESUME_SAFE_KEYS:
             raise ConfigError(f"--resume continues a run with the config stored in its checkpoint; {key!r} cannot "
-                              f"change on resume (only {', '.join(RESUME_SAFE_KEYS)} can); start a new run to change it")
+                              f"change on resume (only {', '.join(RESUME_SAFE_KEYS)} can); "
+                              f"start a new run to change it")
         out.append((key, value))
     return out
 
 
-def open_resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> tuple[Path, dict[str, Any], Config, list[str]]:
+def open_resume(run_dir: str | Path,
+                overrides: Iterable[str] = ()) -> tuple[Path, dict[str, Any], Config, list[str]]:
     """Read and check what a resume continues: ``(run_dir, checkpoint, config, changed keys)``.
 
     Read-only (every process of a torchrun launch does it). Refuses, naming the keys and values:

@@ -301,8 +301,8 @@ def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDat
 def _load_state(path: Path, ckpt: dict[str, Any], cfg: Config, model: Classifier, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler) -> None:
     """Restore a resumed run's state; weights of another architecture are one clear error, not a traceback."""
-    parts = (("model", model.backbone, f"backbone {cfg.model.backbone!r}"), ("head", model.head, f"head {cfg.head.name!r}"),
-             ("optimizer", optimizer, f"optimizer {cfg.optim.name!r}"))
+    parts = (("model", model.backbone, f"backbone {cfg.model.backbone!r}"),
+             ("head", model.head, f"head {cfg.head.name!r}"), ("optimizer", optimizer, f"optimizer {cfg.optim.name!r}"))
     for key, module, what in parts:
         try:
             module.load_state_dict(ckpt[key])
