@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - Windows: no locking
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
-CHECKPOINTS = ("last.pt", "best.pt")
 BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv"})
 # keys that change neither the model nor the steps already taken: a finished run can be extended
 # (train.epochs) and progress / checkpoint cadence changed on resume; everything else is refused
