@@ -38,6 +38,7 @@ from .distributed import (DistContext, all_gather_object, all_reduce, broadcast_
 from .errors import ConfigError, DataError, LowshotError
 from .loader import BatchLoader
 from .models import Classifier, build_model
+from .tblog import TensorBoardLog
 from .utils import (append_jsonl, progress, read_jsonl, rng_state, seed_everything, set_rng_state,
                     truncate_jsonl)
 
@@ -239,10 +240,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         run_dir = prepare_run_dir(cfg, run_dir, True, False)
         ckpt = load_checkpoint(run_dir / "last.pt")
         cfg = config_from_checkpoint(ckpt["config"])
+    tb = TensorBoardLog(cfg.train.tensorboard, cfg.train.nan_check_every)  # a missing package fails here
     ctx = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, run_dir, ckpt, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps)
+        return _train(cfg, run_dir, ckpt, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps,
+                      tb=tb)
     finally:
+        tb.close()
         shutdown(ctx)
 
 
@@ -260,7 +264,8 @@ def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDat
 
 
 def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None, ctx: DistContext, *,
-           overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None) -> dict[str, Any]:
+           overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None,
+           tb: TensorBoardLog) -> dict[str, Any]:
     t, device, world, main = cfg.train, ctx.device, ctx.world_size, ctx.is_main
     say = log if main else (lambda _msg: None)
     if t.batch_size % world:
@@ -326,6 +331,8 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
             truncate_jsonl(run_dir / "metrics.jsonl",
                            [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= epoch])
         say(f"resumed {run_dir} at epoch {epoch}, step {step}")
+    if main:
+        tb.open(run_dir, step, resumed=ckpt is not None)
     forward: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -362,6 +369,7 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
     def save_state(paths: list[Path]) -> None:
         """Collective: check the loss, reduce statistics, gather RNG streams; rank 0 writes."""
         guard.check()
+        tb.flush()  # events up to this step are on disk before the checkpoint that a resume starts from
         stats = epoch_stats()
         streams = all_gather_object(rng_state()) if world > 1 else None
         if not main:
@@ -414,6 +422,7 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
             scaler.step(optimizer)
             scaler.update()
             step, epoch_step = step + 1, epoch_step + 1
+            tb.step(step, loss, lr)
             loss_sum += loss.detach().to(acc_dtype) * y.shape[0]
             correct += (logits.detach()[:, :num_classes].argmax(1) == y).sum()
             seen += y.shape[0]
@@ -457,6 +466,7 @@ def _train(cfg: Config, run_dir: str | Path | None, ckpt: dict[str, Any] | None,
         if main:
             append_jsonl(run_dir / "metrics.jsonl", record)
             write_metrics_csv(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
+            tb.epoch(record)
         save_state([run_dir / "best.pt", run_dir / "last.pt"] if record["best"] else [run_dir / "last.pt"])
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         last = record
