@@ -198,3 +198,20 @@ def test_missing_tensorboard_is_one_line_exit_2(tmp_path, command):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "train.tensorboard" in r.stderr and "pip install 'lowshot[tensorboard]'" in r.stderr
     assert not out.exists()  # nothing half-written
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_torchrun_writes_one_event_file_from_rank_0(tmp_path):
+    import os
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lowshot.cli",
+           "train", str(CFG), "data.options={max_per_class: 40}", "train.batch_size=32", "train.progress=false",
+           "val.every=0", "train.epochs=1", "train.tensorboard=true", "--run-dir", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    sc = scalars(run / "tensorboard")
+    assert [s for s, _ in sc["step/loss"]] == list(range(1, 7))  # 200 images / global batch 32
+    assert_epochs_match_metrics(sc, read_jsonl(run / "metrics.jsonl"))  # train_loss over both processes
