@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up lowshot on a fresh machine (Debian, Python >= 3.10, CPU or GPU).
 #   bash scripts/setup.sh          library + CLI + default data (Fashion-MNIST)
-#   bash scripts/setup.sh --test   also the test extras (pytest, hypothesis, scikit-learn, headless Chromium)
+#   bash scripts/setup.sh --test   also the test extras (pytest, hypothesis, scikit-learn, tensorboard, headless Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

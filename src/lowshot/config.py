@@ -120,6 +120,7 @@ class TrainConfig:
     progress: bool = True
     sync_bn: bool = False  # multi-process: BatchNorm statistics over the global batch (docs/distributed.md)
     nan_check_every: int = 50  # steps between finiteness checks (each costs a GPU sync); always before saving
+    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard/ (docs/runs.md)
 
 
 @dataclass

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - Windows: no locking
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
-BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv"})
+BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard"})
 # keys that change neither the model nor the steps already taken: a finished run can be extended
 # (train.epochs) and progress / checkpoint cadence changed on resume; everything else is refused
 RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.nan_check_every")

@@ -39,6 +39,7 @@ from .errors import CheckpointError, ConfigError, DataError, LowshotError
 from .loader import BatchLoader
 from .models import Classifier, build_model
 from .rundir import RunDirLock, clear_run_dir, inspect_new_run_dir, open_resume, remove_temp_leftovers
+from .tblog import TensorBoardLog
 from .utils import (append_jsonl, progress, read_jsonl, rng_state, seed_everything, set_rng_state,
                     truncate_jsonl)
 
@@ -276,11 +277,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         run_dir, ckpt, cfg, changed = open_resume(run_dir, overrides)
     elif overrides:
         cfg = apply_overrides(cfg, overrides)
+    tb = TensorBoardLog(cfg.train.tensorboard, cfg.train.nan_check_every)  # a missing package fails here
     ctx = init_distributed(cfg.train.device)
     lock = RunDirLock(resolve_run_dir(cfg, run_dir))
     try:
-        return _train(cfg, lock, ckpt, changed, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps)
+        return _train(cfg, lock, ckpt, changed, ctx, overwrite=overwrite, log=log, stop_after_steps=stop_after_steps,
+                      tb=tb)
     finally:
+        tb.close()
         lock.release()
         shutdown(ctx)
 
@@ -347,7 +351,8 @@ def _claim(lock: RunDirLock, cfg: Config, ckpt: dict[str, Any] | None, changed: 
 
 
 def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: list[str], ctx: DistContext, *,
-           overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None) -> dict[str, Any]:
+           overwrite: bool, log: Callable[[str], None], stop_after_steps: int | None,
+           tb: TensorBoardLog) -> dict[str, Any]:
     t, device, world, main = cfg.train, ctx.device, ctx.world_size, ctx.is_main
     say = log if main else (lambda _msg: None)
     if t.epochs < 1:
@@ -428,6 +433,8 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
             truncate_jsonl(run_dir / "metrics.jsonl",
                            [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= epoch])
         say(f"resumed {run_dir} at epoch {epoch}, step {step}")
+    if main:
+        tb.open(run_dir, step, resumed=ckpt is not None)
     forward: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -479,6 +486,7 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
     def save_state(paths: list[Path]) -> None:
         """Collective: check loss and state, reduce statistics, gather RNG streams; rank 0 writes."""
         check_finite()  # never replace the last finite last.pt / best.pt with a diverged state
+        tb.flush()  # events up to this step are on disk before the checkpoint that a resume starts from
         stats = epoch_stats()
         streams = all_gather_object(rng_state()) if world > 1 else None
         if not main:
@@ -532,6 +540,7 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
             scaler.step(optimizer)
             scaler.update()
             step, epoch_step = step + 1, epoch_step + 1
+            tb.step(step, loss, lr)
             loss_sum += loss.detach().to(acc_dtype) * y.shape[0]
             correct += (logits.detach()[:, :num_classes].argmax(1) == y).sum()
             seen += y.shape[0]
@@ -575,6 +584,7 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
         if main:
             append_jsonl(run_dir / "metrics.jsonl", record)
             write_metrics_csv(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
+            tb.epoch(record)
         save_state([run_dir / "best.pt", run_dir / "last.pt"] if record["best"] else [run_dir / "last.pt"])
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         last = record

@@ -2,7 +2,8 @@
 
 Layout of a sweep directory::
 
-    <out>/<point-name>/        a normal training run (config.yaml, metrics.jsonl, last.pt, best.pt)
+    <out>/<point-name>/        a normal training run (config.yaml, metrics.jsonl, last.pt, best.pt,
+                               tensorboard/ with train.tensorboard: one TensorBoard run per point)
     <out>/<point-name>/result.json   written last: its presence marks the point as finished
     <out>/sweep.json, sweep.md, sweep.png
 
@@ -20,10 +21,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config, from_dict, load_config, parse_override, set_dotted, to_dict, validate
 from ..errors import ConfigError
+from ..rundir import BEFORE_FIRST_CHECKPOINT
 
 # keys that do not change what is trained (machine / logging details)
-IGNORED_KEYS = ("name", "out_dir", "train.progress", "train.device", "train.eval_batch_size", "data.root",
-                "data.download", "data.num_workers", "eval.")
+IGNORED_KEYS = ("name", "out_dir", "train.progress", "train.device", "train.eval_batch_size", "train.tensorboard",
+                "data.root", "data.download", "data.num_workers", "eval.")
 
 
 # ----------------------------------------------------------------------------- grid parsing
@@ -226,6 +228,9 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
             raise ConfigError(f"sweep point {name} duplicates another point (same name or same config)")
         seen[name] = key
         plan.append((point, name, cfg))
+    if any(cfg.train.tensorboard for _, _, cfg in plan):
+        from ..tblog import summary_writer_class
+        summary_writer_class()  # a missing tensorboard package fails before the sweep folder exists
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for i, (point, name, cfg) in enumerate(plan, 1):
@@ -281,7 +286,7 @@ def _train_point(train: Callable[..., Any], cfg: Config, rdir: Path, log: Callab
     return None
 
 
-RESTARTABLE = {"config.yaml", "metrics.jsonl", "metrics.csv"}
+RESTARTABLE = BEFORE_FIRST_CHECKPOINT  # what a run writes before its first last.pt
 
 
 def _check_restartable(rdir: Path) -> None:
