@@ -13,11 +13,15 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
              shots: list[int] | None = None, query: int | None = None, episodes: int | None = None,
              method: str | None = None, seed: int | None = None, options: dict[str, Any] | None = None,
              dataset: str | None = None, root: str | None = None, device: str = "auto",
-             out: str | Path | None = None, log: Any = print) -> dict[str, Any]:
-    """Evaluate; unspecified protocol values come from the checkpoint config's ``eval`` section."""
+             out: str | Path | None = None, within: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Evaluate; unspecified protocol values come from the checkpoint config's ``eval`` section.
+
+    ``within``: a class-metadata key of the dataset (e.g. ``alphabet`` for Omniglot): every episode
+    draws its classes from one value of it (default ``eval.within``; ``""``/``"none"``: across groups).
+    """
     from ..checkpoint import load_checkpoint
     from ..config import config_from_checkpoint
-    from ..features import cached_split_features
+    from ..features import split_features
     from ..utils import resolve_device
     from . import evaluate, format_table, method_kwargs_for_head
     from ..checkpoint import resolve_checkpoint_path
@@ -29,28 +33,47 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
         raise ConfigError("no split given and the checkpoint's config has no data.novel_split; pass --split")
     method = method or e.method
     opts = {**e.options, **(options or {})}
-    feats, labels, names = cached_split_features(ckpt_path, split, dataset=dataset, root=root, device=device)
-    log(f"features: {split} split, {feats.shape[0]} images, {len(set(labels.tolist()))} classes, {feats.shape[1]}-d")
+    within = within_key(e.within if within is None else within)
+    feats, labels, names, groups = split_features(ckpt_path, split, within=within, dataset=dataset, root=root,
+                                                  device=device)
+    log(f"features: {split} split, {feats.shape[0]} images, {len(set(labels.tolist()))} classes, {feats.shape[1]}-d"
+        + (f"; episodes within one {within} ({len(set(groups))} groups)" if groups is not None else ""))
     results = []
     for shot in shots or e.shots:
         res = evaluate(feats, labels, way=way or e.way, shot=shot, query=query or e.query,
                        episodes=episodes or e.episodes, method=method, seed=e.seed if seed is None else seed,
-                       class_names=names, device=resolve_device(device), **method_kwargs_for_head(cfg.head.name, method, opts))
+                       class_names=names, groups=groups, device=resolve_device(device),
+                       **method_kwargs_for_head(cfg.head.name, method, opts))
         res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
         results.append(res)
     log(format_table(results))
-    record = {"checkpoint": str(ckpt_path), "split": split, "dataset": dataset or cfg.data.name, "results": results}
-    out_path = Path(out) if out else ckpt_path.parent / f"eval_{ckpt_path.stem}_{split}_{method}.json"
+    record = {"checkpoint": str(ckpt_path), "split": split, "dataset": dataset or cfg.data.name, "within": within,
+              "results": results}
+    out_path = Path(out) if out else ckpt_path.parent / f"eval_{ckpt_path.stem}_{split}_{method}{_within_tag(within)}.json"
     from ..checkpoint import write_text_atomic
     write_text_atomic(out_path, json.dumps(record, indent=1))
     log(f"wrote {out_path}")
     return record
 
 
+def within_key(value: str | None) -> str | None:
+    """``--within`` / ``eval.within`` as a key or None (``""`` and ``"none"`` switch it off)."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    return value.strip()
+
+
+def _within_tag(within: str | None) -> str:
+    return f"_within-{within}" if within else ""
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from ..config import parse_override
     options = dict(parse_override(o) for o in args.options)
     if args.generalized:   # base + novel classes scored together: lowshot.fewshot.generalized
+        if args.within:
+            raise ConfigError("--within is not supported with --generalized (base and novel classes are scored "
+                              "together over all base classes)")
         from .generalized import run_generalized_eval
         run_generalized_eval(args.checkpoint, way=args.way, shots=args.shot, query=args.query,
                              base_query=args.base_query, episodes=args.episodes, val_episodes=args.val_episodes,
@@ -61,7 +84,7 @@ def _cmd(args: argparse.Namespace) -> int:
         raise ConfigError("--calibration / --base-query / --val-episodes need --generalized")
     run_eval(args.checkpoint, split=args.split, way=args.way, shots=args.shot, query=args.query,
              episodes=args.episodes, method=args.method, seed=args.seed, options=options, dataset=args.dataset,
-             root=args.root, device=args.device, out=args.out)
+             root=args.root, device=args.device, out=args.out, within=args.within)
     return 0
 
 
@@ -79,6 +102,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
+    p.add_argument("--within", metavar="KEY",
+                   help="draw each episode's classes from one group of this class-metadata key, e.g. alphabet "
+                        "(Lake et al.'s within-alphabet Omniglot protocol; default: eval.within; none: off)")
     p.add_argument("--generalized", action="store_true",
                    help="score base and novel classes together (docs/generalized.md)")
     p.add_argument("--calibration", nargs="+", choices=["none", "tau_norm", "scale", "bias"],
