@@ -67,9 +67,47 @@ def _within_tag(within: str | None) -> str:
     return f"_within-{within}" if within else ""
 
 
+def _features_cmd(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``--features FILE``: bring-your-own features (lowshot.fewshot.feature_files)."""
+    from .feature_files import run_features_eval, run_features_generalized
+    given = [f for f, v in (("--split", args.split), ("--dataset", args.dataset), ("--root", args.root)) if v]
+    if given:
+        raise ConfigError(f"{given[0]} selects a checkpoint's dataset split; with --features the file is the data")
+    if args.generalized:
+        if args.within:
+            raise ConfigError("--within is not supported with --generalized")
+        if not args.base_features:
+            raise ConfigError("--features with --generalized needs --base-features BASE.npz (held-out base-class "
+                              "features; docs/generalized.md)")
+        run_features_generalized(args.features, base_features=args.base_features,
+                                 base_train_features=args.base_train_features, val_features=args.val_features,
+                                 checkpoint=args.checkpoint, way=args.way, shots=args.shot, query=args.query,
+                                 base_query=args.base_query, episodes=args.episodes, val_episodes=args.val_episodes,
+                                 calibrations=args.calibration or ["none"], method=args.method, seed=args.seed,
+                                 options=options, device=args.device, out=args.out)
+        return 0
+    extra = [f for f, v in (("--checkpoint", args.checkpoint), ("--base-features", args.base_features),
+                            ("--base-train-features", args.base_train_features),
+                            ("--val-features", args.val_features), ("--calibration", args.calibration),
+                            ("--base-query", args.base_query), ("--val-episodes", args.val_episodes)) if v]
+    if extra:
+        raise ConfigError(f"{extra[0]} with --features is only for --generalized (the base classifier and its data)")
+    run_features_eval(args.features, way=args.way, shots=args.shot, query=args.query, episodes=args.episodes,
+                      method=args.method, seed=args.seed, options=options, within=within_key(args.within),
+                      device=args.device, out=args.out)
+    return 0
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from ..config import parse_override
     options = dict(parse_override(o) for o in args.options)
+    if args.features:
+        return _features_cmd(args, options)
+    if not args.checkpoint:
+        raise ConfigError("lowshot eval needs --checkpoint CKPT (a lowshot run) or --features FILE (.npz/.pt with "
+                          "features and labels)")
+    if args.base_features or args.base_train_features or args.val_features:
+        raise ConfigError("--base-features / --base-train-features / --val-features go with --features --generalized")
     if args.generalized:   # base + novel classes scored together: lowshot.fewshot.generalized
         if args.within:
             raise ConfigError("--within is not supported with --generalized (base and novel classes are scored "
@@ -90,7 +128,10 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="few-shot meta-test on frozen features (batched over episodes)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--features", metavar="FILE",
+                   help="evaluate a features file instead (.npz or .pt: features N x D, labels N, optional "
+                        "class_names, group_<KEY>; docs/fewshot.md)")
     p.add_argument("--split", help="dataset split (default: the config's data.novel_split)")
     p.add_argument("--dataset", help="evaluate on another registered dataset (e.g. cross-domain)")
     p.add_argument("--root", help="root of --dataset")
@@ -111,5 +152,11 @@ def register(sub: Any) -> None:
                    help="with --generalized: calibrations to compare (default: none)")
     p.add_argument("--base-query", type=int, help="with --generalized: base queries per episode (default way*query)")
     p.add_argument("--val-episodes", type=int, help="with --generalized: validation episodes (default --episodes)")
+    p.add_argument("--base-features", metavar="FILE",
+                   help="with --features --generalized: held-out base-class features (base queries)")
+    p.add_argument("--base-train-features", metavar="FILE",
+                   help="with --features --generalized: base training features (NCM base classifier, method ncm)")
+    p.add_argument("--val-features", metavar="FILE",
+                   help="with --features --generalized: val-class features (calibration episodes)")
     p.add_argument("options", nargs="*", help="method options as key=value, e.g. preset=bl0 head=linear")
     p.set_defaults(func=_cmd)
