@@ -2,6 +2,7 @@
 protocol, table and JSON; generalized few-shot on features files; one-line user errors."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("lowshot: error:"), r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def main_error(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``lowshot ARGS`` in-process (the same ``main`` the console script runs, without a new interpreter)."""
+    from lowshot.cli import main
+    capsys.readouterr()
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), rc, cap.out, cap.err)
 
 
 # ----------------------------------------------------------------------------- hand-made files, known answers
@@ -130,7 +140,7 @@ def _bad_files(tmp_path):
     return files
 
 
-def test_each_bad_features_file_is_one_line_exit_2(tmp_path):
+def test_each_bad_features_file_is_one_line_exit_2(tmp_path, capsys):
     files = _bad_files(tmp_path)
     expect = {
         "shape.npz": "'features' has 120 rows but 'labels' has shape (117,)",
@@ -144,17 +154,19 @@ def test_each_bad_features_file_is_one_line_exit_2(tmp_path):
         "pickled.pt": "weights_only=True",
         "feats.csv": "unknown features file type '.csv'",
     }
-    for name, needle in expect.items():
+    for i, (name, needle) in enumerate(expect.items()):
         out = tmp_path / f"{name}.json"
-        r = run_cli("eval", "--features", str(files[name]), "--method", "ncm", "--shot", "1", "--episodes", "3",
-                    "--out", str(out))
+        cli = run_cli if i < 2 else functools.partial(main_error, capsys)   # two real processes, the rest in-process
+        r = cli("eval", "--features", str(files[name]), "--method", "ncm", "--shot", "1", "--episodes", "3",
+                "--out", str(out))
         one_line_error(r, str(files[name]), needle)
         assert not out.exists()
-    r = run_cli("eval", "--features", str(tmp_path / "missing.npz"))
+    r = main_error(capsys, "eval", "--features", str(tmp_path / "missing.npz"))
     one_line_error(r, "features file not found", "missing.npz")
 
 
-def test_features_cli_argument_errors(tmp_path):
+def test_features_cli_argument_errors(tmp_path, capsys):
+    run_cli = functools.partial(main_error, capsys)
     x, y = clusters()
     f = tmp_path / "f.npz"
     np.savez(f, features=x, labels=y, group_script=np.array(["a"] * y.size))
@@ -295,7 +307,8 @@ def test_generalized_on_features_equals_the_checkpoint_path(fm_run):
 
 
 @needs_fmnist
-def test_generalized_on_features_user_errors(fm_run, tmp_path):
+def test_generalized_on_features_user_errors(fm_run, tmp_path, capsys):
+    run_cli = functools.partial(main_error, capsys)
     out = tmp_path / "g.json"
     base = ["eval", "--features", str(fm_run / "novel.npz"), "--generalized", "--episodes", "4", "--way", "3",
             "--query", "4", "--out", str(out)]

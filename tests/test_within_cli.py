@@ -149,3 +149,23 @@ def test_omniglot_benchmark_uses_within_path(omni_run, tmp_path):
     ref = evaluate(feats, labels, way=20, shot=1, query=15, episodes=10, method="ncm", seed=0, groups=groups)
     assert res["within"] is True and res["mean"] == pytest.approx(ref["mean"])
     assert torch.is_tensor(feats)
+
+
+def test_embed_split_writes_alphabets_and_features_within_equals_checkpoint(omni_run, tmp_path):
+    """`embed --split val` stores group_alphabet; `eval --features --within alphabet` then gives the
+    checkpoint path's within-alphabet numbers."""
+    import numpy as np
+    f = tmp_path / "val.npz"
+    r = run_cli("embed", "--checkpoint", str(omni_run), "--split", "val", "--out", str(f), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    z = np.load(f, allow_pickle=False)
+    feats, labels, names, groups = _val_arrays(omni_run)
+    assert z["group_alphabet"].tolist() == groups and str(z["head"]) == "cosine"
+    common = ["--within", "alphabet", "--way", "20", "--shot", "1", "--episodes", "10", "--method", "ncm",
+              "--device", "cpu"]
+    a = run_cli("eval", "--checkpoint", str(omni_run), "--split", "val", *common, "--out", str(tmp_path / "a.json"))
+    b = run_cli("eval", "--features", str(f), *common, "--out", str(tmp_path / "b.json"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra, rb = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert ra["within"] == rb["within"] == "alphabet"
+    assert ra["results"][0]["accuracies"] == rb["results"][0]["accuracies"]
