@@ -191,6 +191,12 @@ def test_python_api_loads_and_evaluates(tmp_path):
     assert rec["results"][0]["mean"] == 100.0 and (tmp_path / "eval_f_ncm.json").is_file()
     with pytest.raises(DataError, match="no group array 'group_alphabet'.*none"):
         ff.group("alphabet")
+    # a .pt dict with bfloat16 features and a `head`: the head family sets the fine-tune head
+    torch.save({"features": torch.from_numpy(x).to(torch.bfloat16), "labels": y.tolist(), "head": "neg_softmax"},
+               tmp_path / "b.pt")
+    rec = run_features_eval(tmp_path / "b.pt", shots=[1], episodes=2, log=lambda _m: None)
+    assert rec["head"] == "neg_softmax" and rec["options"] == {"head": "linear", "bias": False, "scale": 5.0}
+    assert rec["results"][0]["mean"] == 100.0
 
 
 # ----------------------------------------------------------------------------- on a tiny trained run

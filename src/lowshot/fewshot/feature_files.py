@@ -99,7 +99,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _array(value: Any) -> np.ndarray:
     if isinstance(value, Tensor):
-        return value.detach().cpu().numpy()
+        t = value.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()   # numpy has no bfloat16
     return np.asarray(value)
 
 
