@@ -1,6 +1,7 @@
 """Omniglot one-shot benchmark of a trained run: Lake et al.'s within-alphabet episodes.
 
-Every episode draws all of its classes from ONE alphabet (``evaluate(..., groups=alphabet)``),
+Every episode draws all of its classes from ONE alphabet (``split_features(..., within="alphabet")``
+feeding ``evaluate(..., groups=)``, the path of ``lowshot eval --within alphabet``),
 which is harder than drawing them across alphabets: characters of one script look alike.
 Prints a markdown table (method x protocol, mean ± ci95 in percent) and writes every number to
 ``--out`` (JSON). Features are cached in the run directory, so extra methods cost no forward pass.
@@ -23,30 +24,16 @@ from pathlib import Path
 PROTOCOLS = ("20x1", "5x1", "5x5", "20x5")
 
 
-def alphabets_of(checkpoint: str, split: str) -> list[str]:
-    """Alphabet of every sample of ``split``, read from the dataset's ``class_meta``."""
-    from lowshot.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from lowshot.config import config_from_checkpoint
-    from lowshot.data import build_dataset
-    ckpt = load_checkpoint(resolve_checkpoint_path(checkpoint))
-    cfg = config_from_checkpoint(ckpt["config"])
-    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, image_size=ckpt["data"]["image_size"],
-                       **cfg.data.options)
-    per_class = ds.class_meta["alphabet"]
-    return [per_class[int(y)] for y in ds.labels]
-
-
 def run(checkpoint: str, split: str, methods: list[str], protocols: list[str], episodes: int,
         query: int, seed: int) -> list[dict]:
     from lowshot.checkpoint import load_checkpoint, resolve_checkpoint_path
     from lowshot.config import config_from_checkpoint
-    from lowshot.features import cached_split_features
+    from lowshot.features import split_features
     from lowshot.fewshot import evaluate
     from lowshot.fewshot.api import method_kwargs_for_head
     path = resolve_checkpoint_path(checkpoint)
     head = config_from_checkpoint(load_checkpoint(path)["config"]).head.name
-    feats, labels, names = cached_split_features(path, split, show_progress=False)
-    groups = alphabets_of(str(path), split)
+    feats, labels, names, groups = split_features(path, split, within="alphabet", show_progress=False)
     out = []
     for method in methods:
         for proto in protocols:

@@ -135,6 +135,7 @@ class ValConfig:
     method: str = "finetune"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    within: str | None = None  # class-metadata key (e.g. alphabet): each episode's classes share its value
 
 
 @dataclass
@@ -148,6 +149,7 @@ class EvalConfig:
     method: str = "finetune"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    within: str | None = None  # class-metadata key (e.g. alphabet): within-group episodes (docs/fewshot.md)
 
 
 @dataclass
@@ -410,6 +412,8 @@ def validate(cfg: Config) -> Config:
     need(af.padding_mode in ("zeros", "border", "reflection"), "augment.affine.padding_mode",
          "must be one of zeros, border, reflection")
     need(cfg.val.every >= 0, "val.every", "must be >= 0")
+    for key, within in (("val.within", cfg.val.within), ("eval.within", cfg.eval.within)):
+        need(within is None or bool(within.strip()), key, "must be a class-metadata key (e.g. alphabet) or null")
     return cfg
 
 

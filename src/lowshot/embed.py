@@ -1,6 +1,7 @@
 """Embedding export with a checkpoint's own test-time preprocessing."""
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,26 +47,43 @@ def embed_images(checkpoint: str | Path, paths: Sequence[str | Path], *, batch_s
         batch = torch.stack([load_image(f, meta["image_size"], meta["channels"], invert=invert)
                              for f in files[i:i + batch_size]])
         feats.append(model.backbone(transform(batch.to(dev))).float().cpu())
-    return {"features": torch.cat(feats).numpy().astype(np.float32), "paths": np.array([str(f) for f in files])}
+    return {"features": torch.cat(feats).numpy().astype(np.float32), "paths": np.array([str(f) for f in files]),
+            "head": np.array(ckpt["config"]["head"]["name"])}
 
 
 def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | None = None, root: str | None = None,
                         batch_size: int = 256, device: str = "auto", show_progress: bool = True) -> dict[str, Any]:
-    """Features + labels + class names of a dataset split (default: the checkpoint's dataset)."""
+    """Features + labels + class names of a dataset split (default: the checkpoint's dataset).
+
+    Also ``group_<KEY>``: the per-sample group id of every class-metadata key of the dataset (e.g.
+    ``group_alphabet`` for Omniglot, for ``lowshot eval --features FILE --within alphabet``), and
+    ``head``: the training head's name (its family sets the fine-tune head of ``eval --features``).
+    A reader that takes ``channels`` (e.g. ``image_folder``) is asked for the checkpoint's.
+    """
     from .data import build_dataset
+    from .data.registry import DATASETS, _register_all
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     meta = ckpt["data"]
     name = dataset or cfg.data.name
-    options = cfg.data.options if dataset is None else {}
+    options = dict(cfg.data.options) if dataset is None else {}
+    _register_all()
+    if dataset is not None and "channels" in inspect.signature(DATASETS.get(name)).parameters:
+        options["channels"] = meta["channels"]
     ds: ImageDataset = build_dataset(name, split, root=root if root is not None else (cfg.data.root if dataset is None else None),
                                      image_size=meta["image_size"], **options)
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")
     feats, labels = extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=show_progress)
-    return {"features": feats.numpy().astype(np.float32), "labels": labels.numpy(),
-            "class_names": np.array(ds.class_names)}
+    out = {"features": feats.numpy().astype(np.float32), "labels": labels.numpy(),
+           "class_names": np.array(ds.class_names), "head": np.array(cfg.head.name)}
+    for key in sorted(ds.class_meta):
+        groups = np.asarray(ds.sample_groups(key))
+        if groups.dtype.kind == "O":   # mixed / None values: strings, so the .npz needs no pickle
+            groups = np.asarray([str(g) for g in ds.sample_groups(key)])
+        out[f"group_{key}"] = groups
+    return out
 
 
 def save_npz(path: str | Path, arrays: dict[str, Any]) -> Path:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,6 +45,20 @@ def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | 
     Entries live in ``<checkpoint dir>/features/`` (see ``feature_cache``: keyed by the backbone's
     weights, the test-time normalisation and the dataset/split), shared with ``lowshot decouple``.
     """
+    feats, labels, names, _ = split_features(checkpoint, split, dataset=dataset, root=root, batch_size=batch_size,
+                                             device=device, show_progress=show_progress, cache=cache)
+    return feats, labels, names
+
+
+def split_features(checkpoint: str | Path, split: str, *, within: str | None = None, dataset: str | None = None,
+                   root: str | None = None, batch_size: int = 256, device: str = "auto",
+                   show_progress: bool = True, cache: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Any] | None]:
+    """``cached_split_features`` plus the group id of every sample from ``class_meta[within]``.
+
+    The groups (None without ``within``) feed within-group episodes (``evaluate(..., groups=)``);
+    an unknown key fails before any feature is extracted, naming the keys the dataset has.
+    """
     from . import feature_cache
     from .data import build_dataset
     from .embed import load_for_inference
@@ -62,6 +76,7 @@ def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | 
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")
+    groups = ds.sample_groups(within) if within else None
     desc = {"dataset": name, "split": split, "root": data_root, "options": options, "image_size": meta["image_size"],
             "mean": meta["mean"], "std": meta["std"], "preprocess": meta.get("preprocess", {})}
     key = feature_cache.feature_key(model.backbone.state_dict(), desc)
@@ -69,4 +84,4 @@ def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | 
         checkpoint.parent / "features" if cache else None, split, key, ds.labels,
         lambda: extract_features(model.backbone, ds, transform, batch_size, dev, show_progress=show_progress,
                                  desc=f"features {split}"))
-    return feats, labels, list(ds.class_names)
+    return feats, labels, list(ds.class_names), groups

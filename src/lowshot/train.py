@@ -136,8 +136,9 @@ def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable,
     v = cfg.val
     feats, labels = extract_features_distributed(model.backbone, ds, transform, cfg.train.eval_batch_size, device,
                                                  channels_last=cfg.train.channels_last)
+    groups = ds.sample_groups(v.within) if v.within else None   # e.g. Omniglot: episodes within one alphabet
     res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
-                           method=v.method, seed=v.seed, device=device,
+                           method=v.method, seed=v.seed, device=device, groups=groups,
                            **_fewshot_method_kwargs(cfg, v.method, v.options))
     return {"val_mean": float(res["mean"]), "val_ci95": float(res["ci95"])}
 
@@ -299,6 +300,14 @@ def _load_sets(cfg: Config) -> tuple[ImageDataset, ImageDataset | None, ImageDat
                           f"that are not the {train_set.num_classes} classes of data.train_split={d.train_split!r} "
                           f"(held-out images must come from the training classes; set data.test_split=null)")
     val_set = load_split(cfg, d.val_split) if d.val_split and cfg.val.every else None
+    if val_set is not None and cfg.val.within:
+        from .fewshot import sample_episodes
+        v = cfg.val
+        try:   # fail before the first epoch, not at its end (unknown key, no group with `way` classes)
+            sample_episodes(val_set.labels, v.way, v.shot, v.query, 1, groups=val_set.sample_groups(v.within),
+                            class_names=val_set.class_names)
+        except DataError as e:
+            raise ConfigError(f"config key 'val.within': {e}") from None
     return train_set, test_set, val_set
 
 

@@ -5,6 +5,7 @@ episodes (``sample_episodes``) and runs a registered method (``EVALUATORS``:
 ``finetune`` — the Baseline++ / Negative-Margin fine-tune protocol, solved exactly in each
 episode's support span; ``ncm``/``protonet``; ``logreg``).  See docs/fewshot.md.
 ``evaluate_generalized`` scores base and novel classes together (docs/generalized.md).
+``run_features_eval`` / ``run_features_generalized`` evaluate a features file (any model's).
 """
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from .evaluators import (
     create_method,
     list_methods,
 )
+from .feature_files import FeatureFile, load_feature_file, run_features_eval, run_features_generalized
 from .finetune import FinetuneConfig
 from .generalized import BaseClassifier, GeneralizedReport, evaluate_generalized
 
 __all__ = [
     "BaseClassifier",
+    "FeatureFile",
+    "load_feature_file",
+    "run_features_eval",
+    "run_features_generalized",
     "GeneralizedReport",
     "evaluate_generalized",
     "method_kwargs_for_head",
