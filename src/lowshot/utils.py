@@ -1,15 +1,39 @@
-"""Small shared helpers: seeding, devices, JSONL logs, progress bars."""
+"""Small shared helpers: seeding, devices, optional imports, JSONL logs, progress bars."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable, Iterator
 
 import torch
+
+# import name -> (pip package, pyproject extra)
+OPTIONAL = {"safetensors": ("safetensors", "safetensors"), "sklearn": ("scikit-learn", "test"),
+            "matplotlib": ("matplotlib", None)}
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import a dependency lowshot cannot work without for ``purpose``, else one clear error.
+
+    Called at the start of a command (before any training or loading), so a missing package is a
+    one-line ``LowshotError`` naming what to install, never a traceback after minutes of work.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        from .errors import LowshotError
+        top = module.split(".")[0]
+        pkg, extra = OPTIONAL.get(top, (top, None))
+        how = f"pip install {pkg}" + (f" (or the [{extra}] extra of lowshot)" if extra else "")
+        raise LowshotError(f"{purpose} needs the Python package {pkg!r}, which does not import "
+                           f"({type(e).__name__}: {e}); install it with `{how}`") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -71,6 +71,12 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
         raise ConfigError(f"unknown projection {projection!r} (known: pca, tsne)")
     if classes < 1 or per_class < 1:
         raise ConfigError("--classes and --per-class must be >= 1")
+    if projection is not None:  # fail before extracting features, not after
+        from ..report.figures import require_matplotlib
+        require_matplotlib(f"--projection {projection}")
+        if projection == "tsne":
+            from ..utils import require
+            require("sklearn.manifold", "--projection tsne")
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     result: dict[str, Any] = {

@@ -262,6 +262,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     from ..errors import DataError
     if not run_dirs:
         raise DataError("lowshot report needs at least one RUN_DIR")
+    figures.require_matplotlib("lowshot report")
     c = collect(list(run_dirs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

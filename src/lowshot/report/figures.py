@@ -15,7 +15,14 @@ import torch
 DPI = 110
 
 
+def require_matplotlib(purpose: str = "drawing figures") -> None:
+    """matplotlib is a core dependency; this turns a broken/missing install into one clear error."""
+    from ..utils import require
+    require("matplotlib.backends.backend_agg", purpose)
+
+
 def new_figure(width: float = 6.4, height: float = 4.0) -> Any:
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -123,7 +130,8 @@ CURVE_PANELS = (("train_loss", "training loss", ()), ("train_acc", "accuracy (%)
 
 
 def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: str | Path) -> Path | None:
-    """Loss, train/base accuracy and validation accuracy (± CI band) vs epoch; one line per run."""
+    """Loss, train/held-out accuracy and validation accuracy (± CI band) vs epoch; one line per run."""
+    require_matplotlib()
     from matplotlib.ticker import MaxNLocator
     panels = [(key, title, extra) for key, title, extra in CURVE_PANELS
               if any(_finite(r.get(k)) for _, recs in runs for r in recs for k in (key, *extra))]
