@@ -52,14 +52,14 @@ def embed_images(checkpoint: str | Path, paths: Sequence[str | Path], *, batch_s
 def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | None = None, root: str | None = None,
                         batch_size: int = 256, device: str = "auto", show_progress: bool = True) -> dict[str, Any]:
     """Features + labels + class names of a dataset split (default: the checkpoint's dataset)."""
-    from .data import build_dataset
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     meta = ckpt["data"]
     name = dataset or cfg.data.name
     options = cfg.data.options if dataset is None else {}
-    ds: ImageDataset = build_dataset(name, split, root=root if root is not None else (cfg.data.root if dataset is None else None),
-                                     image_size=meta["image_size"], **options)
+    from .features import build_checkpoint_dataset
+    ds: ImageDataset = build_checkpoint_dataset(cfg.data.root, name, split, root=root, dataset=dataset,
+                                                image_size=meta["image_size"], **options)
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")

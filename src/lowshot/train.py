@@ -131,8 +131,11 @@ def accuracy(model: Classifier, ds: ImageDataset, transform: Callable, device: t
 def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable, cfg: Config,
                        device: torch.device) -> dict[str, float]:
     v = cfg.val
+    from .distributed import is_main
     feats, labels = extract_features_distributed(model.backbone, ds, transform, cfg.train.eval_batch_size, device,
-                                                 channels_last=cfg.train.channels_last)
+                                                 channels_last=cfg.train.channels_last,
+                                                 show_progress=cfg.train.progress and is_main(),
+                                                 desc=f"val features ({len(ds)} images)")
     res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
                            method=v.method, seed=v.seed, device=device,
                            **_fewshot_method_kwargs(cfg, v.method, v.options))

@@ -32,7 +32,7 @@ def resolve_split(cfg: Config, kind: str) -> str:
 
 def split_features(model: torch.nn.Module, cfg: Config, transform: Callable[[torch.Tensor], torch.Tensor],
                    data_meta: dict[str, Any], kind: str, *, device: torch.device | str = "cpu",
-                   batch_size: int = 256, show_progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 256, show_progress: bool = True) -> dict[str, Any]:
     """Features, labels and class names of the base or novel split of the checkpoint's dataset."""
     from ..data import build_dataset
     from ..features import extract_features

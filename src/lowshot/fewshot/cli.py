@@ -41,7 +41,11 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     from . import evaluate, format_table, method_kwargs_for_head
     from ..checkpoint import resolve_checkpoint_path
     ckpt_path = resolve_checkpoint_path(checkpoint)
-    cfg = config_from_checkpoint(load_checkpoint(ckpt_path)["config"])
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt.get("config"), dict):
+        from ..errors import CheckpointError
+        raise CheckpointError(f"{ckpt_path} has no 'config' entry (not a lowshot checkpoint?)")
+    cfg = config_from_checkpoint(ckpt["config"])
     e = cfg.eval
     split = split or cfg.data.novel_split
     if not split:
