@@ -63,7 +63,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(data.dataset_summary(args.name, root=args.root))
     else:
-        print(f"downloaded to {data.download_dataset(args.name, root=args.root)}")
+        from .data.info import fetch_dataset
+        path, fetched = fetch_dataset(args.name, root=args.root)
+        if fetched:
+            print(f"downloaded {len(fetched)} file(s) to {path}")
+        else:
+            print(f"{args.name} is already present at {path}; nothing downloaded")
     return 0
 
 

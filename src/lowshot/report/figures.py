@@ -125,7 +125,8 @@ def plot_sweep(results: Sequence[dict[str, Any]], x_key: str | None, path: str |
 
 # ----------------------------------------------------------------------------- training runs
 
-CURVE_PANELS = (("train_loss", "training loss", ()), ("train_acc", "accuracy (%)", ("base_acc",)),
+# held-out accuracy is logged as base_acc (few-shot) or <test_split>_acc (val_acc, test_acc): lowshot.train.held_out_key
+CURVE_PANELS = (("train_loss", "training loss", ()), ("train_acc", "accuracy (%)", ("base_acc", "val_acc", "test_acc")),
                 ("val_mean", "few-shot validation (%)", ()))
 
 
@@ -141,7 +142,7 @@ def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, title, extra) in zip(axes, panels, strict=True):
         for ri, (label, recs) in enumerate(runs):
-            for style, k in zip(("-", "--"), (key, *extra), strict=False):
+            for style, k in zip(("-",) + ("--",) * len(extra), (key, *extra), strict=True):
                 pts = [(r["epoch"], r[k]) for r in recs if _finite(r.get(k)) and "epoch" in r]
                 if not pts:
                     continue
