@@ -31,7 +31,9 @@ def run_cli(*args: str, cwd: str | Path = ROOT, pre: str = "") -> subprocess.Com
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-c", f"import sys; {pre}\nfrom lowshot.cli import main; sys.exit(main(sys.argv[1:]))",
            *args] if pre else [sys.executable, "-m", "lowshot", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+    r = subprocess.run(cmd, capture_output=True, cwd=cwd, env=env)  # bytes: text mode would turn "\r" into "\n"
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                       r.stderr.decode(errors="replace"))
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -46,18 +48,13 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A one-epoch Fashion-MNIST run trained from another folder with a RELATIVE data.root."""
+    """A one-epoch Fashion-MNIST run (progress on, stderr a pipe as in CI / nohup / SLURM)."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed")
-    base = tmp_path_factory.mktemp("trust")
-    (base / "data").mkdir()
-    (base / "data" / "fm").symlink_to(FMNIST)
-    (base / "work").mkdir()
-    r = run_cli("train", FM_CFG, *TINY, "data.root=../data/fm", "train.progress=true", "--run-dir", "run",
-                cwd=base / "work")
+    run = tmp_path_factory.mktemp("trust") / "run"
+    r = run_cli("train", FM_CFG, *TINY, "train.progress=true", "--run-dir", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
-    run = base / "work" / "run"
-    (run / "train_stderr.txt").write_text(r.stderr)
+    (run / "train_stderr.txt").write_text(r.stderr, newline="")
     return run
 
 
@@ -140,10 +137,17 @@ def test_eval_with_another_protocol_does_not_overwrite(tiny_run):
 # ----------------------------------------------------------------------------- 7. data.root stored resolved, configs by name
 
 @needs_fmnist
-def test_relative_data_root_is_stored_absolute_and_eval_works_elsewhere(tiny_run, tmp_path):
-    stored = yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["root"]
-    assert Path(stored).is_absolute() and Path(stored) == tiny_run.parent.parent / "data" / "fm"
-    r = run_cli("eval", "--checkpoint", str(tiny_run), "--episodes", "5", "--shot", "1", "--method", "ncm",
+def test_relative_data_root_is_stored_absolute_and_eval_works_elsewhere(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "fm").symlink_to(FMNIST)
+    (tmp_path / "work").mkdir()
+    r = run_cli("train", FM_CFG, *TINY, "train.progress=false", "data.root=../data/fm", "--run-dir", "run",
+                cwd=tmp_path / "work")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "work" / "run"
+    stored = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    assert Path(stored).is_absolute() and Path(stored) == tmp_path / "data" / "fm"
+    r = run_cli("eval", "--checkpoint", str(run), "--episodes", "5", "--shot", "1", "--method", "ncm",
                 "--device", "cpu", "--out", str(tmp_path / "e.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-1500:]
 
@@ -286,7 +290,7 @@ def test_plain_progress_prints_at_most_every_interval():
 
 @needs_fmnist
 def test_training_log_outside_a_tty_has_no_carriage_returns(tiny_run):
-    log = (tiny_run / "train_stderr.txt").read_text()
+    log = (tiny_run / "train_stderr.txt").read_text(newline="")
     assert "\r" not in log
 
 
