@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trust") / "run"
     r = run_cli("train", FM_CFG, *TINY, "train.progress=true", "--run-dir", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
-    (run / "train_stderr.txt").write_text(r.stderr, newline="")
+    (run / "train_stderr.txt").write_bytes(r.stderr.encode())
     return run
 
 
@@ -290,8 +290,8 @@ def test_plain_progress_prints_at_most_every_interval():
 
 @needs_fmnist
 def test_training_log_outside_a_tty_has_no_carriage_returns(tiny_run):
-    log = (tiny_run / "train_stderr.txt").read_text(newline="")
-    assert "\r" not in log
+    log = (tiny_run / "train_stderr.txt").read_bytes()
+    assert b"\r" not in log
 
 
 def test_fewshot_validation_shows_feature_progress(monkeypatch):
