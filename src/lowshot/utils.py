@@ -23,16 +23,17 @@ def require(module: str, purpose: str) -> ModuleType:
     """Import a dependency lowshot cannot work without for ``purpose``, else one clear error.
 
     Called at the start of a command (before any training or loading), so a missing package is a
-    one-line ``LowshotError`` naming what to install, never a traceback after minutes of work.
+    one-line ``ConfigError`` (the set-up is wrong, not the data) naming what to install, never a
+    traceback after minutes of work.
     """
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        from .errors import LowshotError
+        from .errors import ConfigError
         top = module.split(".")[0]
         pkg, extra = OPTIONAL.get(top, (top, None))
         how = f"pip install {pkg}" + (f" (or the [{extra}] extra of lowshot)" if extra else "")
-        raise LowshotError(f"{purpose} needs the Python package {pkg!r}, which does not import "
+        raise ConfigError(f"{purpose} needs the Python package {pkg!r}, which does not import "
                            f"({type(e).__name__}: {e}); install it with `{how}`") from None
 
 
