@@ -30,8 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = train(cfg, args.resume, resume=True)
     else:
         if args.config is None:
-            raise LowshotError("lowshot train needs a CONFIG file (e.g. configs/fashion_mnist/conv4_neg_cosine.yaml) "
-                               "or --resume RUN_DIR")
+            raise LowshotError("lowshot train needs a CONFIG (a YAML file, or a packaged recipe name such as "
+                               "fashion_mnist/conv4_neg_cosine) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         res = train(cfg, args.run_dir, overwrite=args.overwrite)
     print(f"run directory: {res['run_dir']}")
@@ -116,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train backbone + head on the base classes")
-    t.add_argument("config", nargs="?", help="YAML config (configs/...)")
+    t = sub.add_parser("train", help="train backbone + head on the base classes",
+                       epilog="Options and key=value overrides may come in any order, e.g. "
+                              "`lowshot train omniglot/oneshot --run-dir runs/x train.epochs=2`.")
+    t.add_argument("config", nargs="?",
+                   help="YAML config file, or a packaged recipe by name from any folder (e.g. omniglot/oneshot)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. head.margin=-0.02")
     t.add_argument("--run-dir", help="run directory (default: OUT_DIR/NAME from the config)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")

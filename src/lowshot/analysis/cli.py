@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
         description="Each KEY=V1,V2,... is a swept axis (values parsed like overrides; a value in [...] is one "
                     "value); a KEY=VALUE with a single value is a fixed override for every point. Re-running the "
                     "same command skips finished points and resumes interrupted ones.")
-    s.add_argument("config", help="YAML config (e.g. configs/fashion_mnist/conv4_neg_cosine.yaml)")
+    s.add_argument("config", help="YAML config or packaged recipe name (e.g. fashion_mnist/conv4_neg_cosine)")
     s.add_argument("grid", nargs="+", metavar="KEY=V1,V2,...", help="e.g. head.margin=-0.3,-0.1,0,0.1")
     s.add_argument("--out", help="sweep folder (default: OUT_DIR/NAME_sweep from the config)")
     s.add_argument("--shots", type=int_at_least(1), nargs="+", help="few-shot shots to evaluate (default: eval.shots)")
