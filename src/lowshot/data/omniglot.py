@@ -183,7 +183,8 @@ def _decoded(stamps: tuple[tuple[str, int, int], ...], image_size: int, invert: 
     zips: dict[Path, zipfile.ZipFile] = {}
     try:
         i = 0
-        for c, key in enumerate(names):
+        from ..utils import progress
+        for c, key in enumerate(progress(names, desc=f"decoding Omniglot ({total} images)")):  # shown after 2 s
             source, files = merged[key]
             for r, f in enumerate(files):
                 if source.is_file():
