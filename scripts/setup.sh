@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up lowshot on a fresh machine (Debian, Python >= 3.10, CPU or GPU).
 #   bash scripts/setup.sh          library + CLI + default data (Fashion-MNIST)
-#   bash scripts/setup.sh --test   also the test extras (pytest, hypothesis, scikit-learn, tensorboard, headless Chromium)
+#   bash scripts/setup.sh --test   also the test extras (pytest, hypothesis, scikit-learn, safetensors, tensorboard, headless Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,7 +18,7 @@ fi
 if [ $want_test = 1 ]; then
   "$PY" -m pip install -q -e ".[test]"
 else
-  "$PY" -m pip install -q -e ".[report]"
+  "$PY" -m pip install -q -e .  # matplotlib (figures) is a core dependency
 fi
 
 # 3. Fashion-MNIST, the default data: Debian's package when missing and apt is usable.

@@ -111,7 +111,7 @@ def test_eval_cli_writes_json(tiny_run, capsys):
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "5-way 1-shot" in out and "ncm" in out
-    assert list(tiny_run.glob("eval_best_novel_ncm.json"))
+    assert list(tiny_run.glob("eval_best_novel_ncm_5way_1shot_15q_20ep_seed0.json"))  # protocol in the name
     assert list((tiny_run / "features").glob("novel-*.pt"))  # features cached per backbone/split
 
 

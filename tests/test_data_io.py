@@ -132,7 +132,7 @@ def test_csv_list_names_header_and_relative_paths(tmp_path: Path) -> None:
     # default image root: the CSV's own folder
     csv2 = tmp_path / "list.csv"
     csv2.write_text("imgs/a.png,3\nimgs/b.png,0\n")
-    ds2 = build_dataset("csv_list", "train", root=str(csv2))
+    ds2 = build_dataset("csv_list", "train", root=str(csv2), num_classes=4)  # ids 1, 2 without rows: explicit
     assert ds2.class_names == ["0", "1", "2", "3"] and ds2.labels.tolist() == [3, 0]
     assert ds2.image_size == 84 and ds2[0][0].shape == (3, 84, 84)
 

@@ -91,7 +91,7 @@ def test_within_groups_of_a_features_file_known_answer(tmp_path):
     assert across["within"] is False and across["mean"] > 20.0
     # the default output name records the within key
     r = run_cli("eval", "--features", str(f), "--within", "script", *common)
-    assert r.returncode == 0 and (tmp_path / "eval_g_ncm_within-script.json").is_file()
+    assert r.returncode == 0 and list(tmp_path.glob("eval_g_features_ncm_*_within-script.json"))
 
 
 def test_pt_dict_equals_npz(tmp_path):
@@ -188,7 +188,7 @@ def test_python_api_loads_and_evaluates(tmp_path):
     ff = load_feature_file(tmp_path / "f.npz")
     assert ff.features.dtype == torch.float32 and ff.num_classes == 6 and ff.head is None
     rec = run_features_eval(tmp_path / "f.npz", method="ncm", shots=[1], episodes=4, log=lambda _m: None)
-    assert rec["results"][0]["mean"] == 100.0 and (tmp_path / "eval_f_ncm.json").is_file()
+    assert rec["results"][0]["mean"] == 100.0 and list(tmp_path.glob("eval_f_features_ncm_5way_1shot_*.json"))
     with pytest.raises(DataError, match="no group array 'group_alphabet'.*none"):
         ff.group("alphabet")
     # a .pt dict with bfloat16 features and a `head`: the head family sets the fine-tune head
@@ -325,3 +325,15 @@ def test_generalized_on_features_user_errors(fm_run, tmp_path, capsys):
     one_line_error(run_cli(*base, "--base-features", str(fm_run / "base_test.npz"), "--checkpoint",
                            str(fm_run / "run"), "--calibration", "bias"), "--val-features")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kw", [{"way": 0}, {"way": 1}, {"episodes": 0}, {"query": 0}])
+def test_python_api_never_replaces_a_given_zero_by_the_default(tmp_path, kw):
+    """``way=0`` used to become the default 5 (``x or default``) and ``way=1`` gave 100 %: both refused."""
+    from lowshot.errors import ConfigError
+    from lowshot.fewshot import run_features_eval
+    x, y = clusters()
+    np.savez(tmp_path / "f.npz", features=x, labels=y)
+    with pytest.raises(ConfigError):
+        run_features_eval(tmp_path / "f.npz", method="ncm", shots=[1], **{"episodes": 4, **kw}, log=lambda _m: None)
+    assert not list(tmp_path.glob("eval_*.json"))

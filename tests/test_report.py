@@ -242,7 +242,7 @@ def test_report_from_real_training_analysis_and_decouple_outputs(tmp_path):
     assert f"<td>ncm</td><td>{m['all']:.2f}</td><td>{m['class_mean']:.2f}</td>" in html
     assert f"<td>joint (linear)</td><td>{j['all']:.2f}</td><td>{j['class_mean']:.2f}</td>" in html
     r1 = ev["results"][0]
-    assert re.search(rf"<td>eval_best_novel_ncm.json</td><td>ncm</td><td>5</td><td>1</td><td>10</td>"
+    assert re.search(rf"<td>eval_best_novel_ncm_5way_1shot_15q_10ep_seed0.json</td><td>ncm</td><td>5</td><td>1</td><td>10</td>"
                      rf"<td>{r1['mean']:.2f} ± {r1['ci95']:.2f}</td>", html)
     # curves, few-shot bars, projection, long-tail groups, per-class vs count
     assert len(_imgs(html)) == 5

@@ -102,14 +102,14 @@ def test_eval_within_from_config_and_switched_off(omni_run):
     feats, labels, names, groups = _val_arrays(omni_run)
     r = run_cli("eval", "--checkpoint", str(omni_run), "--split", "val", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    cfg_out = omni_run / "eval_best_val_ncm_within-alphabet.json"
+    cfg_out = omni_run / "eval_best_val_ncm_5way_1shot_15q_10ep_seed0_within-alphabet.json"
     data = json.loads(cfg_out.read_text())
     kw = dict(way=5, shot=1, query=15, episodes=10, method="ncm", seed=0)
     assert data["within"] == "alphabet"
     assert data["results"][0]["mean"] == pytest.approx(evaluate(feats, labels, groups=groups, **kw)["mean"])
     r = run_cli("eval", "--checkpoint", str(omni_run), "--split", "val", "--within", "none", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    data = json.loads((omni_run / "eval_best_val_ncm.json").read_text())
+    data = json.loads((omni_run / "eval_best_val_ncm_5way_1shot_15q_10ep_seed0.json").read_text())
     assert data["within"] is None and data["results"][0]["within"] is False
     assert data["results"][0]["mean"] == pytest.approx(evaluate(feats, labels, **kw)["mean"])
 

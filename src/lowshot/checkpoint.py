@@ -105,6 +105,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; anything that is not plain data is refused, unexecuted."""
     path = resolve_checkpoint_path(path)
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save; "
+                              f"lowshot checkpoints are the best.pt / last.pt of a run directory)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -119,19 +122,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, legacy, a pickle: first byte 0x80); anything else is not one."""
+    import zipfile
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    return head[:1] == b"\x80" or zipfile.is_zipfile(path)
+
+
 def export_safetensors(ckpt: dict[str, Any], path: str | Path) -> Path:
     """Export model + head weights (``model.*``, ``head.*``) to a safetensors file."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise CheckpointError("safetensors export needs `pip install safetensors`") from e
+    from .utils import require
+    save_file = require("safetensors.torch", "lowshot export").save_file
     tensors = {}
     for part in ("model", "head"):
         for k, v in (ckpt.get(part) or {}).items():
             tensors[f"{part}.{k}"] = v.detach().contiguous().cpu()
     path = Path(path)
     meta = {"format": "lowshot", "num_classes": str(len(ckpt.get("class_names", [])))}
+    if path.is_dir():
+        raise CheckpointError(f"--out {path} is a directory; give the output file, e.g. {path / 'model.safetensors'}")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a missing output folder is created, as for every writer
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -339,16 +340,55 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
 
 # ----------------------------------------------------------------------------- files
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
+
+
+def packaged_configs() -> list[str]:
+    """Names of the recipes shipped in the package (``omniglot/oneshot``, ...)."""
+    return sorted(p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix()
+                  for p in PACKAGED_CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file: the path as given, else a packaged recipe by name from any folder.
+
+    ``omniglot/oneshot``, ``omniglot/oneshot.yaml`` and ``configs/omniglot/oneshot.yaml`` all name
+    ``lowshot/configs/omniglot/oneshot.yaml`` when no such file exists relative to the current folder.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        rel = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+        for cand in (PACKAGED_CONFIGS.joinpath(*rel), PACKAGED_CONFIGS.joinpath(*rel).with_name(p.name + ".yaml")):
+            if rel and cand.is_file():
+                return cand
+    close = difflib.get_close_matches(p.with_suffix("").as_posix().removeprefix("configs/"), packaged_configs(),
+                                      n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else " (packaged recipes: `lowshot train NAME` with NAME one of " \
+        f"{', '.join(packaged_configs()[:4])}, ...; all under {PACKAGED_CONFIGS})"
+    raise ConfigError(f"config file not found: {path}{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults <- YAML file (may name a ``base:`` file, resolved relative to it) <- overrides."""
+    """Defaults <- YAML file (may name a ``base:`` file, resolved relative to it) <- overrides.
+
+    ``path`` may also name a packaged recipe (``find_config``). A relative ``data.root`` is made
+    absolute (against the current folder, where it was typed), so the stored config still finds
+    the data when ``lowshot eval`` runs from another folder.
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml_tree(Path(path), seen=())
+        path = find_config(path)
+        data = _read_yaml_tree(path, seen=())
     try:
         cfg = from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.data.root:
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    return cfg
 
 
 def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -357,9 +397,14 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config 'base:' cycle through {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          f"save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)
@@ -414,6 +459,13 @@ def validate(cfg: Config) -> Config:
     need(cfg.val.every >= 0, "val.every", "must be >= 0")
     for key, within in (("val.within", cfg.val.within), ("eval.within", cfg.eval.within)):
         need(within is None or bool(within.strip()), key, "must be a class-metadata key (e.g. alphabet) or null")
+    for sec in ("val", "eval"):  # episode protocols: 0 is never "the default", and 1-way is always 100 %
+        e = getattr(cfg, sec)
+        need(e.way >= 2, f"{sec}.way", "must be >= 2 (a 1-way episode is always 100 % correct)")
+        need(e.query >= 1, f"{sec}.query", "must be >= 1")
+        need(e.episodes >= 1, f"{sec}.episodes", "must be >= 1")
+    need(cfg.val.shot >= 1, "val.shot", "must be >= 1")
+    need(bool(cfg.eval.shots) and min(cfg.eval.shots) >= 1, "eval.shots", "must be a non-empty list of ints >= 1")
     return cfg
 
 

@@ -46,6 +46,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, override
     from .report import build_report
     from .train import train
 
+    from .report.figures import require_matplotlib
+    require_matplotlib("lowshot demo (its report)")  # before minutes of training, not after
     out = Path(out_dir)
     sweep_over, lt_over, episodes = DEMO_BUDGET["quick" if quick else "full"]
     t0 = time.perf_counter()

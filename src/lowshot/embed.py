@@ -60,7 +60,6 @@ def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | No
     ``head``: the training head's name (its family sets the fine-tune head of ``eval --features``).
     A reader that takes ``channels`` (e.g. ``image_folder``) is asked for the checkpoint's.
     """
-    from .data import build_dataset
     from .data.registry import DATASETS, _register_all
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
@@ -70,8 +69,9 @@ def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | No
     _register_all()
     if dataset is not None and "channels" in inspect.signature(DATASETS.get(name)).parameters:
         options["channels"] = meta["channels"]
-    ds: ImageDataset = build_dataset(name, split, root=root if root is not None else (cfg.data.root if dataset is None else None),
-                                     image_size=meta["image_size"], **options)
+    from .features import build_checkpoint_dataset
+    ds: ImageDataset = build_checkpoint_dataset(cfg.data.root, name, split, root=root, dataset=dataset,
+                                                image_size=meta["image_size"], **options)
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")

@@ -14,9 +14,12 @@ from .utils import progress
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: ImageDataset, transform: Callable[[torch.Tensor], torch.Tensor],
-                     batch_size: int = 256, device: str | torch.device = "cpu", *, show_progress: bool = False,
+                     batch_size: int = 256, device: str | torch.device = "cpu", *, show_progress: bool = True,
                      desc: str = "features", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] float32 (CPU) and labels [N] for every sample, in dataset order."""
+    """Features [N, D] float32 (CPU) and labels [N] for every sample, in dataset order.
+
+    ``show_progress``: a bar (or, in a log, a line every ~10 s) once extraction has run 2 s.
+    """
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
@@ -34,6 +37,21 @@ def extract_features(backbone: nn.Module, dataset: ImageDataset, transform: Call
     if not feats:
         return torch.zeros(0, getattr(backbone, "out_dim", 0)), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+def build_checkpoint_dataset(cfg_root: str | None, name: str, split: str, *, root: str | None,
+                             dataset: str | None, **kwargs: object) -> ImageDataset:
+    """The dataset a checkpoint was trained on (or ``dataset``); a data error says ``--root`` overrides the root."""
+    from .data import build_dataset
+    from .errors import DataError
+    data_root = root if root is not None else (cfg_root if dataset is None else None)
+    try:
+        return build_dataset(name, split, root=data_root, **kwargs)
+    except DataError as e:
+        if root is not None or dataset is not None:
+            raise
+        where = f"data.root {cfg_root!r}" if cfg_root else "the default data location (data.root unset)"
+        raise DataError(f"{e} [{where} comes from the checkpoint's config; pass --root DIR to override it]") from None
 
 
 def cached_split_features(checkpoint: str | Path, split: str, *, dataset: str | None = None,
@@ -60,7 +78,6 @@ def split_features(checkpoint: str | Path, split: str, *, within: str | None = N
     an unknown key fails before any feature is extracted, naming the keys the dataset has.
     """
     from . import feature_cache
-    from .data import build_dataset
     from .embed import load_for_inference
     from .errors import DataError
     from .utils import resolve_device
@@ -72,7 +89,8 @@ def split_features(checkpoint: str | Path, split: str, *, within: str | None = N
     name = dataset or cfg.data.name
     options = dict(cfg.data.options) if dataset is None else {}
     data_root = root if root is not None else (cfg.data.root if dataset is None else None)
-    ds = build_dataset(name, split, root=data_root, image_size=meta["image_size"], **options)
+    ds = build_checkpoint_dataset(cfg.data.root, name, split, root=root, dataset=dataset,
+                                  image_size=meta["image_size"], **options)
     if ds.channels != meta["channels"]:
         raise DataError(f"dataset {name!r} has {ds.channels}-channel images but the checkpoint expects "
                         f"{meta['channels']}")

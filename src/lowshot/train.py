@@ -131,11 +131,27 @@ def accuracy(model: Classifier, ds: ImageDataset, transform: Callable, device: t
     return 100.0 * int(all_reduce(correct)) / max(1, len(ds))
 
 
+def held_out_key(cfg: Config) -> str:
+    """Name of the per-epoch accuracy on ``data.test_split`` in metrics.jsonl.
+
+    ``base_acc`` when that split holds held-out images of the base classes (few-shot configs:
+    ``base_test``), else ``<split>_acc`` (``val_acc`` for the long-tail configs, ``test_acc`` ...).
+    Readers (report) accept any of them: ``lowshot.report.build.held_out_acc``.
+    """
+    split = cfg.data.test_split or ""
+    if split.startswith("base"):
+        return "base_acc"
+    return "train_split_acc" if split == "train" else f"{split}_acc"
+
+
 def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable, cfg: Config,
                        device: torch.device) -> dict[str, float]:
     v = cfg.val
+    from .distributed import is_main
     feats, labels = extract_features_distributed(model.backbone, ds, transform, cfg.train.eval_batch_size, device,
-                                                 channels_last=cfg.train.channels_last)
+                                                 channels_last=cfg.train.channels_last,
+                                                 show_progress=cfg.train.progress and is_main(),
+                                                 desc=f"val features ({len(ds)} images)")
     groups = ds.sample_groups(v.within) if v.within else None   # e.g. Omniglot: episodes within one alphabet
     res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
                            method=v.method, seed=v.seed, device=device, groups=groups,
@@ -575,12 +591,12 @@ def _train(cfg: Config, lock: RunDirLock, ckpt: dict[str, Any] | None, changed: 
         with preserved_rng():
             broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
             if test_set is not None:
-                record["base_acc"] = accuracy(model, test_set, test_tf, device, t.eval_batch_size)
+                record[held_out_key(cfg)] = accuracy(model, test_set, test_tf, device, t.eval_batch_size)
             if val_set is not None and (epoch % cfg.val.every == 0 or epoch == t.epochs):
                 record.update(fewshot_validation(model, val_set, test_tf, cfg, device))
         # one monitored metric for the whole run, so best.pt never compares different quantities:
         # few-shot validation accuracy when enabled, else held-out accuracy, else training loss
-        monitor = "val_mean" if val_set is not None else "base_acc" if test_set is not None else "train_loss"
+        monitor = "val_mean" if val_set is not None else held_out_key(cfg) if test_set is not None else "train_loss"
         score = record.get(monitor)
         if score is not None and monitor == "train_loss":
             score = -score

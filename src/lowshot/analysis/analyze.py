@@ -32,7 +32,7 @@ def resolve_split(cfg: Config, kind: str) -> str:
 
 def split_features(model: torch.nn.Module, cfg: Config, transform: Callable[[torch.Tensor], torch.Tensor],
                    data_meta: dict[str, Any], kind: str, *, device: torch.device | str = "cpu",
-                   batch_size: int = 256, show_progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 256, show_progress: bool = True) -> dict[str, Any]:
     """Features, labels and class names of the base or novel split of the checkpoint's dataset."""
     from ..data import build_dataset
     from ..features import extract_features
@@ -71,6 +71,12 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
         raise ConfigError(f"unknown projection {projection!r} (known: pca, tsne)")
     if classes < 1 or per_class < 1:
         raise ConfigError("--classes and --per-class must be >= 1")
+    if projection is not None:  # fail before extracting features, not after
+        from ..report.figures import require_matplotlib
+        require_matplotlib(f"--projection {projection}")
+        if projection == "tsne":
+            from ..utils import require
+            require("sklearn.manifold", "--projection tsne")
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     result: dict[str, Any] = {

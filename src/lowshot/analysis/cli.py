@@ -24,6 +24,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    from ..cli import int_at_least
     a = subparsers.add_parser("analyze", help="discriminability (phi) and 2-D projections of a checkpoint's features")
     a.add_argument("--checkpoint", required=True, help="a lowshot checkpoint (best.pt / last.pt)")
     a.add_argument("--split", choices=["base", "novel", "both"], default="both",
@@ -31,10 +32,10 @@ def register(subparsers: Any) -> None:
                         "novel: data.novel_split; both (default): base + novel when configured")
     a.add_argument("--out", help="output folder for analysis.json and projections (default: CHECKPOINT_DIR/analysis)")
     a.add_argument("--projection", choices=["pca", "tsne"], help="also save a 2-D scatter (tsne needs scikit-learn)")
-    a.add_argument("--classes", type=int, default=5, help="classes shown in the projection (default 5)")
-    a.add_argument("--per-class", type=int, default=200, help="samples per class in the projection (default 200)")
+    a.add_argument("--classes", type=int_at_least(1), default=5, help="classes shown in the projection (default 5)")
+    a.add_argument("--per-class", type=int_at_least(1), default=200, help="samples per class in the projection (default 200)")
     a.add_argument("--device", default="auto")
-    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--batch-size", type=int_at_least(1), default=256)
     a.set_defaults(func=cmd_analyze)
 
     s = subparsers.add_parser(
@@ -42,10 +43,10 @@ def register(subparsers: Any) -> None:
         description="Each KEY=V1,V2,... is a swept axis (values parsed like overrides; a value in [...] is one "
                     "value); a KEY=VALUE with a single value is a fixed override for every point. Re-running the "
                     "same command skips finished points and resumes interrupted ones.")
-    s.add_argument("config", help="YAML config (e.g. configs/fashion_mnist/conv4_neg_cosine.yaml)")
+    s.add_argument("config", help="YAML config or packaged recipe name (e.g. fashion_mnist/conv4_neg_cosine)")
     s.add_argument("grid", nargs="+", metavar="KEY=V1,V2,...", help="e.g. head.margin=-0.3,-0.1,0,0.1")
     s.add_argument("--out", help="sweep folder (default: OUT_DIR/NAME_sweep from the config)")
-    s.add_argument("--shots", type=int, nargs="+", help="few-shot shots to evaluate (default: eval.shots)")
-    s.add_argument("--episodes", type=int, help="episodes per evaluation (default: eval.episodes)")
+    s.add_argument("--shots", type=int_at_least(1), nargs="+", help="few-shot shots to evaluate (default: eval.shots)")
+    s.add_argument("--episodes", type=int_at_least(1), help="episodes per evaluation (default: eval.episodes)")
     s.add_argument("--method", help="few-shot method (default: eval.method)")
     s.set_defaults(func=cmd_sweep)

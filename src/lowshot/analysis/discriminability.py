@@ -126,11 +126,8 @@ def pca_2d(features: Tensor) -> Tensor:
 
 def tsne_2d(features: Tensor, seed: int = 0) -> Tensor:
     """t-SNE to 2-D with scikit-learn (optional dependency; PCA needs nothing)."""
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError:
-        raise ConfigError("projection 'tsne' needs scikit-learn (pip install scikit-learn); "
-                          "use --projection pca otherwise") from None
+    from ..utils import require
+    TSNE = require("sklearn.manifold", "projection 'tsne' (use --projection pca otherwise)").TSNE
     f = torch.as_tensor(features).detach().cpu().double().numpy()
     perplexity = float(min(30.0, max(2.0, (f.shape[0] - 1) / 3)))
     out = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(f)

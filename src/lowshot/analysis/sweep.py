@@ -157,8 +157,8 @@ def config_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str | N
 
 def protocol_of(cfg: Config, shots: Sequence[int] | None, episodes: int | None, method: str | None) -> dict[str, Any]:
     e = cfg.eval
-    return {"way": e.way, "shots": [int(s) for s in (shots or e.shots)], "query": e.query,
-            "episodes": int(episodes or e.episodes), "method": method or e.method, "seed": e.seed,
+    return {"way": e.way, "shots": [int(s) for s in (e.shots if shots is None else shots)], "query": e.query,
+            "episodes": int(e.episodes if episodes is None else episodes), "method": method or e.method, "seed": e.seed,
             "options": dict(e.options)}
 
 
@@ -214,7 +214,9 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
     """
     from ..checkpoint import load_checkpoint, write_text_atomic
     from ..config import apply_overrides
+    from ..report.figures import require_matplotlib
     from ..train import train
+    require_matplotlib("lowshot sweep (sweep.png)")  # before training the grid, not after
     base = load_config(config, overrides) if not isinstance(config, Config) else apply_overrides(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path(base.out_dir) / f"{base.name}_sweep"
     points = expand_grid(grid)

@@ -36,6 +36,9 @@ def md5sum(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
+FETCHED: list[Path] = []  # files download_url actually transferred (``lowshot data download`` reports them)
+
+
 def download_url(url: str, dest_path: str | os.PathLike, md5: str | None = None, *,
                  timeout: float = 60.0, progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Download ``url`` to ``dest_path`` atomically; verify ``md5`` when given.
@@ -79,6 +82,7 @@ def download_url(url: str, dest_path: str | os.PathLike, md5: str | None = None,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    FETCHED.append(dest)
     return dest
 
 

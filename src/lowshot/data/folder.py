@@ -13,6 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..errors import DataError
 from .base import FileImageDataset, ImageDataset
 from .io import is_image_file, list_images, load_image
@@ -34,7 +36,18 @@ def _size(image_size: int | None) -> int:
 def _loader(size: int, channels: int) -> functools.partial:
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}")
-    return functools.partial(load_image, image_size=size, channels=channels)
+    return functools.partial(_load_or_hint, image_size=size, channels=channels)
+
+
+SKIP_HINT = "set data.options.skip_corrupt=true (skip_corrupt=True) to drop unreadable files"
+
+
+def _load_or_hint(path: str, image_size: int, channels: int) -> "torch.Tensor":
+    """``load_image``; a corrupt file's error says how to skip such files (module level: picklable)."""
+    try:
+        return load_image(path, image_size=image_size, channels=channels)
+    except DataError as e:
+        raise DataError(f"{e} ({SKIP_HINT})") from e
 
 
 @register_dataset("image_folder", "folder")
@@ -111,11 +124,13 @@ def _is_header(row: list[str]) -> bool:
 def csv_list(split: str = "train", root: str | os.PathLike | None = None, image_size: int | None = None,
              download: bool = False, *, image_root: str | os.PathLike | None = None, channels: int = 3,
              check_files: bool = True, max_per_class: int | None = None, seed: int = 0,
-             skip_corrupt: bool = False) -> ImageDataset:
+             skip_corrupt: bool = False, num_classes: int | None = None) -> ImageDataset:
     """``path,label`` rows (optional header, ``#`` comments); ``root`` is the CSV file.
 
     Paths are relative to ``image_root`` (default: the CSV's folder). Labels are either all
     integers (class ids kept as given; names "0".."C-1") or class names (sorted -> ids).
+    Integer ids that leave classes without rows (e.g. labels 0, 1, 999) need ``num_classes``
+    (``data.options.num_classes``): a typo must not silently make a 1000-class dataset.
     ``split`` is ignored: one CSV is one split.
     """
     if root is None:
@@ -149,7 +164,23 @@ def csv_list(split: str = "train", root: str | os.PathLike | None = None, image_
         bad = next(((n, i) for (n, _, _), i in zip(rows, ids) if i < 0), None)
         if bad is not None:
             raise DataError(f"{csv_path}:{bad[0]}: negative label {bad[1]}")
-        names = [str(i) for i in range(max(ids) + 1)]
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+                raise DataError(f"csv_list num_classes must be a positive int, got {num_classes!r}")
+            over = next(((n, i) for (n, _, _), i in zip(rows, ids) if i >= num_classes), None)
+            if over is not None:
+                raise DataError(f"{csv_path}:{over[0]}: label {over[1]} >= num_classes {num_classes}")
+            count = num_classes
+        else:
+            count = max(ids) + 1
+            missing = sorted(set(range(count)) - set(ids))
+            if missing:
+                line = next(n for (n, _, _), i in zip(rows, ids) if i == count - 1)
+                raise DataError(
+                    f"{csv_path}:{line}: label {count - 1} makes {count} classes but only {count - len(missing)} "
+                    f"have rows (no rows for {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
+                    f"set num_classes (data.options.num_classes={count}) if that is intended")
+        names = [str(i) for i in range(count)]
     else:
         names = sorted({lbl for _, _, lbl in rows})
         index = {n: i for i, n in enumerate(names)}

@@ -41,18 +41,35 @@ def download_target(root: str | os.PathLike | None, subdir: str, name: str) -> P
 
 def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
     """Download (and verify) dataset ``name`` into ``root`` (or ``$LOWSHOT_DATA/...``)."""
+    return fetch_dataset(name, root)[0]
+
+
+def fetch_dataset(name: str, root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """``download_dataset`` that also says which files it transferred (none: the data was already there)."""
+    from .archives import FETCHED
     canonical = DATASETS.canonical(name)
     if canonical not in DOWNLOADERS:
         known = ", ".join(DOWNLOADERS.names()) or "none"
         raise DataError(f"dataset {canonical!r} cannot be downloaded automatically (downloadable: {known}); "
                         f"see its documentation for how to obtain it")
-    return DOWNLOADERS.create(canonical, None if root is None else Path(root))
+    before = len(FETCHED)
+    path = DOWNLOADERS.create(canonical, None if root is None else Path(root))
+    return path, list(FETCHED[before:])
+
+
+def _same_data(a: object, b: object) -> bool:
+    """Two splits that are one dataset (a reader that ignores the split name)."""
+    import torch
+    return (getattr(a, "location", None) == getattr(b, "location", None) and len(a) == len(b)  # type: ignore[arg-type]
+            and list(a.class_names) == list(b.class_names)  # type: ignore[attr-defined]
+            and torch.equal(a.labels, b.labels))  # type: ignore[attr-defined]
 
 
 def dataset_summary(name: str, root: str | os.PathLike | Sequence[str] | None = None, **kwargs: object) -> str:
     """Human-readable counts per split (images, classes) and where the data was found."""
     canonical = DATASETS.canonical(name)
     rows, location, errors = [], None, []
+    seen: list[tuple[list[str], object]] = []  # (split names, dataset): split names that read the same data share a row
     for split in SUMMARY_SPLITS:
         try:
             ds = build_dataset(canonical, split, root=os.fspath(root) if isinstance(root, os.PathLike) else root,
@@ -61,9 +78,18 @@ def dataset_summary(name: str, root: str | os.PathLike | Sequence[str] | None = 
             errors.append((split, str(exc)))
             continue
         location = location or ds.location
+        same = next((names for names, other in seen if _same_data(ds, other)), None)
+        if same is not None:
+            same.append(split)
+            continue
+        seen.append(([split], ds))
+    for names, ds in seen:
         size = "native" if ds.image_size is None else f"{ds.image_size}x{ds.image_size}"
-        rows.append(f"  {split:<10} {len(ds):>8} images  {ds.num_classes:>5} classes  "
+        label = names[0] if len(names) == 1 else "/".join(names)
+        rows.append(f"  {label:<10} {len(ds):>8} images  {ds.num_classes:>5} classes  "
                     f"{ds.channels}x{size}")
+    if len(seen) == 1 and len(seen[0][0]) > 1:
+        rows.append("  (every split name reads the same data: this reader has one split, e.g. one folder)")
     if not rows:
         # Every split failed: report a data error (usually "not found" with instructions) before a
         # split-name error, which only says this reader names its splits differently.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -182,12 +183,18 @@ def _decoded(stamps: tuple[tuple[str, int, int], ...], image_size: int, invert: 
     zips: dict[Path, zipfile.ZipFile] = {}
     try:
         i = 0
-        for c, key in enumerate(names):
+        from ..utils import progress
+        for c, key in enumerate(progress(names, desc=f"decoding Omniglot ({total} images)")):  # shown after 2 s
             source, files = merged[key]
             for r, f in enumerate(files):
                 if source.is_file():
                     zf = zips.get(source) or zips.setdefault(source, zipfile.ZipFile(source))
-                    img = decode_image(zf.read(f), f"{source}:{f}", image_size, 1)
+                    try:
+                        raw = zf.read(f)
+                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # e.g. "Bad CRC-32"
+                        raise DataError(f"Omniglot zip {source} is corrupt: cannot read {f} ({exc}); "
+                                        f"download it again") from exc
+                    img = decode_image(raw, f"{source}:{f}", image_size, 1)
                 else:
                     with open(f, "rb") as fh:
                         img = decode_image(fh, f, image_size, 1)

@@ -7,6 +7,8 @@ and the negative-margin repo's ``test_few_shot``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -70,6 +72,8 @@ def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: 
     """
     if isinstance(query, bool) or not isinstance(query, (int, np.integer)) or query < 1:
         raise ConfigError(f"query must be an integer >= 1, got {query!r}")
+    if isinstance(way, (int, np.integer)) and not isinstance(way, bool) and way < 2:
+        raise ConfigError(f"way must be >= 2 (a 1-way episode is always 100 % correct), got {way}")
     t0 = time.perf_counter()
     x = as_feature_tensor(features, device)
     y = as_label_tensor(labels)
@@ -150,3 +154,21 @@ def method_kwargs_for_head(train_head: str, method: str, options: dict[str, Any]
         for key, value in finetune_head_options(train_head).items():
             kw.setdefault(key, value)
     return kw
+
+
+def given(value: Any, default: Any) -> Any:
+    """``value`` when one was given (0 stays 0, to be rejected by the evaluator), else ``default``: never ``x or default``."""
+    return default if value is None else value
+
+
+def default_eval_name(stem: str, split: str, method: str, *, way: int, shots: list[int], query: int,
+                      episodes: int, seed: int, dataset: str | None = None,
+                      options: dict[str, Any] | None = None, within: str | None = None) -> str:
+    """``eval_<ckpt>_<split>_<method>_<protocol>.json``: another protocol never overwrites a result."""
+    where = f"{dataset}-{split}" if dataset else split
+    name = (f"eval_{stem}_{where}_{method}_{way}way_{'-'.join(map(str, shots))}shot_{query}q_{episodes}ep"
+            f"_seed{seed}" + (f"_within-{within}" if within else ""))
+    if options:
+        digest = hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name += f"_opt{digest}"
+    return name + ".json"

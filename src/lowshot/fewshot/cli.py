@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .api import default_eval_name, given as _given
 
 
 def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | None = None,
@@ -26,22 +27,30 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     from . import evaluate, format_table, method_kwargs_for_head
     from ..checkpoint import resolve_checkpoint_path
     ckpt_path = resolve_checkpoint_path(checkpoint)
-    cfg = config_from_checkpoint(load_checkpoint(ckpt_path)["config"])
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt.get("config"), dict):
+        from ..errors import CheckpointError
+        raise CheckpointError(f"{ckpt_path} has no 'config' entry (not a lowshot checkpoint?)")
+    cfg = config_from_checkpoint(ckpt["config"])
     e = cfg.eval
     split = split or cfg.data.novel_split
     if not split:
         raise ConfigError("no split given and the checkpoint's config has no data.novel_split; pass --split")
     method = method or e.method
     opts = {**e.options, **(options or {})}
+    way, query, episodes = _given(way, e.way), _given(query, e.query), _given(episodes, e.episodes)
+    shots = list(_given(shots, e.shots))
+    seed = _given(seed, e.seed)
+    if way < 2:
+        raise ConfigError(f"way must be >= 2 (a 1-way episode is always 100 % correct), got {way}")
     within = within_key(e.within if within is None else within)
     feats, labels, names, groups = split_features(ckpt_path, split, within=within, dataset=dataset, root=root,
                                                   device=device)
     log(f"features: {split} split, {feats.shape[0]} images, {len(set(labels.tolist()))} classes, {feats.shape[1]}-d"
         + (f"; episodes within one {within} ({len(set(groups))} groups)" if groups is not None else ""))
     results = []
-    for shot in shots or e.shots:
-        res = evaluate(feats, labels, way=way or e.way, shot=shot, query=query or e.query,
-                       episodes=episodes or e.episodes, method=method, seed=e.seed if seed is None else seed,
+    for shot in shots:
+        res = evaluate(feats, labels, way=way, shot=shot, query=query, episodes=episodes, method=method, seed=seed,
                        class_names=names, groups=groups, device=resolve_device(device),
                        **method_kwargs_for_head(cfg.head.name, method, opts))
         res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
@@ -49,7 +58,9 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     log(format_table(results))
     record = {"checkpoint": str(ckpt_path), "split": split, "dataset": dataset or cfg.data.name, "within": within,
               "results": results}
-    out_path = Path(out) if out else ckpt_path.parent / f"eval_{ckpt_path.stem}_{split}_{method}{_within_tag(within)}.json"
+    out_path = Path(out) if out else ckpt_path.parent / default_eval_name(
+        ckpt_path.stem, split, method, way=way, shots=shots, query=query, episodes=episodes, seed=seed,
+        dataset=dataset, options=options, within=within)
     from ..checkpoint import write_text_atomic
     write_text_atomic(out_path, json.dumps(record, indent=1))
     log(f"wrote {out_path}")
@@ -61,10 +72,6 @@ def within_key(value: str | None) -> str | None:
     if value is None or value.strip().lower() in ("", "none"):
         return None
     return value.strip()
-
-
-def _within_tag(within: str | None) -> str:
-    return f"_within-{within}" if within else ""
 
 
 def _features_cmd(args: argparse.Namespace, options: dict[str, Any]) -> int:
@@ -118,7 +125,7 @@ def _cmd(args: argparse.Namespace) -> int:
                              calibrations=args.calibration or ["none"], method=args.method, seed=args.seed,
                              options=options, device=args.device, out=args.out)
         return 0
-    if args.calibration or args.base_query or args.val_episodes:
+    if args.calibration or args.base_query is not None or args.val_episodes is not None:
         raise ConfigError("--calibration / --base-query / --val-episodes need --generalized")
     run_eval(args.checkpoint, split=args.split, way=args.way, shots=args.shot, query=args.query,
              episodes=args.episodes, method=args.method, seed=args.seed, options=options, dataset=args.dataset,
@@ -127,6 +134,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from ..cli import int_at_least
     p = sub.add_parser("eval", help="few-shot meta-test on frozen features (batched over episodes)")
     p.add_argument("--checkpoint", help="checkpoint file or run directory (uses best.pt)")
     p.add_argument("--features", metavar="FILE",
@@ -135,12 +143,12 @@ def register(sub: Any) -> None:
     p.add_argument("--split", help="dataset split (default: the config's data.novel_split)")
     p.add_argument("--dataset", help="evaluate on another registered dataset (e.g. cross-domain)")
     p.add_argument("--root", help="root of --dataset")
-    p.add_argument("--way", type=int)
-    p.add_argument("--shot", type=int, nargs="+", help="one or more shot counts, e.g. --shot 1 5")
-    p.add_argument("--query", type=int)
-    p.add_argument("--episodes", type=int)
+    p.add_argument("--way", type=int_at_least(2), help="classes per episode, >= 2 (default: eval.way)")
+    p.add_argument("--shot", type=int_at_least(1), nargs="+", help="one or more shot counts, e.g. --shot 1 5")
+    p.add_argument("--query", type=int_at_least(1), help="queries per class, >= 1 (default: eval.query)")
+    p.add_argument("--episodes", type=int_at_least(1), help="episodes, >= 1 (default: eval.episodes)")
     p.add_argument("--method", help="finetune | ncm | logreg (see lowshot.fewshot.list_methods())")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (default: next to the checkpoint)")
     p.add_argument("--within", metavar="KEY",
@@ -150,8 +158,8 @@ def register(sub: Any) -> None:
                    help="score base and novel classes together (docs/generalized.md)")
     p.add_argument("--calibration", nargs="+", choices=["none", "tau_norm", "scale", "bias"],
                    help="with --generalized: calibrations to compare (default: none)")
-    p.add_argument("--base-query", type=int, help="with --generalized: base queries per episode (default way*query)")
-    p.add_argument("--val-episodes", type=int, help="with --generalized: validation episodes (default --episodes)")
+    p.add_argument("--base-query", type=int_at_least(1), help="with --generalized: base queries per episode (default way*query)")
+    p.add_argument("--val-episodes", type=int_at_least(1), help="with --generalized: validation episodes (default --episodes)")
     p.add_argument("--base-features", metavar="FILE",
                    help="with --features --generalized: held-out base-class features (base queries)")
     p.add_argument("--base-train-features", metavar="FILE",

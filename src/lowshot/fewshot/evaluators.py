@@ -45,8 +45,10 @@ class FewShotMethod:
 
     def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
         """Query scores ``[E, way * query, way]``; identical for any ``chunk_size``."""
+        from ..utils import progress
+        starts = range(0, episodes.shape[0], self.chunk_size)  # a bar only if this takes over ~2 s
         parts = [self.chunk_scores(features, episodes[s:s + self.chunk_size], shot, seed, s)
-                 for s in range(0, episodes.shape[0], self.chunk_size)]
+                 for s in progress(starts, desc=f"{self.name} {episodes.shape[0]} episodes", enabled=len(starts) > 1)]
         return torch.cat(parts)
 
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,

@@ -176,15 +176,17 @@ def run_features_eval(path: str | Path, *, way: int | None = None, shots: Sequen
     """``lowshot eval --features FILE``: the checkpoint path's table and JSON on a features file.
 
     Unset protocol values are ``EvalConfig``'s defaults; ``within`` names a ``group_<KEY>`` array
-    of the file. Returns the record written to ``out`` (default: ``eval_<stem>_<method>.json``
-    next to FILE).
+    of the file. Returns the record written to ``out`` (default: ``eval_<stem>_features_<method>_<protocol>.json``
+    next to FILE, with the protocol in the name as for checkpoints).
     """
     from ..checkpoint import write_text_atomic
     from ..config import EvalConfig
     from ..utils import resolve_device
-    from .api import evaluate, format_table, method_kwargs_for_head
+    from .api import default_eval_name, evaluate, format_table, given, method_kwargs_for_head
     from .evaluators import EVALUATORS
     e = EvalConfig()
+    way, query, episodes, seed = given(way, e.way), given(query, e.query), given(episodes, e.episodes), given(seed, e.seed)
+    shots = list(given(shots, e.shots))
     ff = load_feature_file(path)
     method = EVALUATORS.canonical(method or e.method)
     groups = ff.group(within) if within else None
@@ -193,10 +195,10 @@ def run_features_eval(path: str | Path, *, way: int | None = None, shots: Sequen
     log(f"features: {ff.path}, {ff.features.shape[0]} samples, {ff.num_classes} classes, {ff.features.shape[1]}-d"
         + (f"; episodes within one {within} ({len(set(groups.tolist()))} groups)" if groups is not None else ""))
     results = []
-    for shot in shots or e.shots:
-        res = _in_file(ff.path, evaluate, ff.features, ff.labels, way=way or e.way, shot=shot,
-                       query=query or e.query, episodes=episodes or e.episodes, method=method,
-                       seed=e.seed if seed is None else seed, class_names=ff.class_names, groups=groups,
+    for shot in shots:
+        res = _in_file(ff.path, evaluate, ff.features, ff.labels, way=way, shot=shot,
+                       query=query, episodes=episodes, method=method,
+                       seed=seed, class_names=ff.class_names, groups=groups,
                        device=resolve_device(device), **kw)
         res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
         results.append(res)
@@ -204,7 +206,9 @@ def run_features_eval(path: str | Path, *, way: int | None = None, shots: Sequen
     record = {"features": str(ff.path), "head": head, "within": within,
               "options": {k: v for k, v in kw.items() if isinstance(v, (str, int, float, bool))},
               "results": results}
-    out_path = Path(out) if out else _default_out(ff.path, "eval", method, within)
+    out_path = Path(out) if out else ff.path.parent / default_eval_name(
+        ff.path.stem, "features", method, way=way, shots=shots, query=query, episodes=episodes, seed=seed,
+        options=options, within=within)
     write_text_atomic(out_path, json.dumps(record, indent=1))
     log(f"wrote {out_path}")
     return record

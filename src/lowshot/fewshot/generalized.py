@@ -816,9 +816,10 @@ def run_generalized_eval(checkpoint: str | Path, *, way: int | None = None, shot
     else:
         clf = BaseClassifier.from_head(model.head)
     report = evaluate_generalized(
-        base_x[test_idx], base_y[test_idx], novel_x, novel_y, base_classifier=clf, way=way or e.way,
-        shots=list(shots or e.shots), query=query or e.query, base_query=base_query,
-        episodes=episodes or e.episodes, val_episodes=val_episodes, calibrations=list(calibrations),
+        base_x[test_idx], base_y[test_idx], novel_x, novel_y, base_classifier=clf,
+        way=e.way if way is None else way, shots=list(e.shots if shots is None else shots),
+        query=e.query if query is None else query, base_query=base_query,
+        episodes=e.episodes if episodes is None else episodes, val_episodes=val_episodes, calibrations=list(calibrations),
         method=method, seed=e.seed if seed is None else seed, finetune=opts or None, device=dev,
         source={"checkpoint": str(ckpt_path), "dataset": d.name, "head": cfg.head.name,
                 "margin": cfg.head.margin, "novel_split": d.novel_split, "val_split": d.val_split,

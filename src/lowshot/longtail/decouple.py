@@ -202,7 +202,8 @@ def _fit(params: list[torch.Tensor], logits_fn: Callable[[torch.Tensor], torch.T
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     keeper = _BestEpoch(params, None if val is None else (lambda: _top1(logits_fn, *val)), record=record)
     step = 0
-    for epoch in range(epochs):
+    from ..utils import progress
+    for epoch in progress(range(epochs), desc="stage-2 epochs (features)"):  # shown once it runs > 2 s
         smp.set_epoch(epoch)
         order = torch.as_tensor(list(smp), dtype=torch.long, device=features.device)
         rate = lr
@@ -350,7 +351,8 @@ def retrain_crt_on_images(backbone: nn.Module, dataset: Any, transform: Callable
         backbone.train(not freeze_bn)
         step, rate = 0, lr
         try:
-            for epoch in range(epochs):
+            from ..utils import progress
+            for epoch in progress(range(epochs), desc="stage-2 epochs (images)"):  # shown once it runs > 2 s
                 smp.set_epoch(epoch)
                 # BatchLoader gathers in-memory images with one index per batch (per-item
                 # collation dominated the step time on small images); the sampler fixes the order

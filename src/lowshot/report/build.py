@@ -53,6 +53,18 @@ def _cfg(run: Run, dotted: str) -> Any:
 
 # ----------------------------------------------------------------------------- sections
 
+HELD_OUT_KEYS = ("base_acc", "val_acc", "test_acc")  # see lowshot.train.held_out_key
+
+
+def held_out_acc(record: dict[str, Any]) -> float | None:
+    """The per-epoch accuracy on data.test_split, whatever split it was logged under."""
+    for key in HELD_OUT_KEYS + tuple(k for k in record if k.endswith("_acc") and k not in HELD_OUT_KEYS
+                                     and k != "train_acc"):
+        if isinstance(record.get(key), (int, float)):
+            return record[key]
+    return None
+
+
 def overview_section(c: Collected) -> Section:
     s = Section("Runs")
     rows = []
@@ -63,10 +75,10 @@ def overview_section(c: Collected) -> Section:
         rows.append([r.label, str(_cfg(r, "data.name") or "-"), str(_cfg(r, "model.backbone") or "-"),
                      str(_cfg(r, "head.name") or "-"), _g(_cfg(r, "head.margin")),
                      f"{m[-1].get('epoch', '-')}/{_cfg(r, 'train.epochs') or '-'}" if m else "-",
-                     _f(m[-1].get("base_acc")) if m else "-",
+                     _f(held_out_acc(m[-1])) if m else "-",
                      _pm(best["val_mean"], best.get("val_ci95")) + f" (epoch {best.get('epoch')})" if best else "-"])
     if rows:
-        s.blocks.append(Table(["run", "dataset", "backbone", "head", "margin", "epochs", "final base acc %",
+        s.blocks.append(Table(["run", "dataset", "backbone", "head", "margin", "epochs", "final held-out acc %",
                                "best val % (few-shot)"], rows))
     else:
         s.blocks.append(Para("No training runs found (only sweep summaries).", note=True))
@@ -262,6 +274,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     from ..errors import DataError
     if not run_dirs:
         raise DataError("lowshot report needs at least one RUN_DIR")
+    figures.require_matplotlib("lowshot report")
     c = collect(list(run_dirs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

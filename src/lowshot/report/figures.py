@@ -15,7 +15,14 @@ import torch
 DPI = 110
 
 
+def require_matplotlib(purpose: str = "drawing figures") -> None:
+    """matplotlib is a core dependency; this turns a broken/missing install into one clear error."""
+    from ..utils import require
+    require("matplotlib.backends.backend_agg", purpose)
+
+
 def new_figure(width: float = 6.4, height: float = 4.0) -> Any:
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -118,12 +125,14 @@ def plot_sweep(results: Sequence[dict[str, Any]], x_key: str | None, path: str |
 
 # ----------------------------------------------------------------------------- training runs
 
-CURVE_PANELS = (("train_loss", "training loss", ()), ("train_acc", "accuracy (%)", ("base_acc",)),
+# held-out accuracy is logged as base_acc (few-shot) or <test_split>_acc (val_acc, test_acc): lowshot.train.held_out_key
+CURVE_PANELS = (("train_loss", "training loss", ()), ("train_acc", "accuracy (%)", ("base_acc", "val_acc", "test_acc")),
                 ("val_mean", "few-shot validation (%)", ()))
 
 
 def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: str | Path) -> Path | None:
-    """Loss, train/base accuracy and validation accuracy (± CI band) vs epoch; one line per run."""
+    """Loss, train/held-out accuracy and validation accuracy (± CI band) vs epoch; one line per run."""
+    require_matplotlib()
     from matplotlib.ticker import MaxNLocator
     panels = [(key, title, extra) for key, title, extra in CURVE_PANELS
               if any(_finite(r.get(k)) for _, recs in runs for r in recs for k in (key, *extra))]
@@ -133,7 +142,7 @@ def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, title, extra) in zip(axes, panels, strict=True):
         for ri, (label, recs) in enumerate(runs):
-            for style, k in zip(("-", "--"), (key, *extra), strict=False):
+            for style, k in zip(("-",) + ("--",) * len(extra), (key, *extra), strict=True):
                 pts = [(r["epoch"], r[k]) for r in recs if _finite(r.get(k)) and "epoch" in r]
                 if not pts:
                     continue
