@@ -127,7 +127,10 @@ def test_chunking_gives_identical_scores(name, kw):
     eps = sample_episodes(y, 5, 2, 3, 37, seed=1)
     a = EVALUATORS.create(name, chunk_size=1000, **kw).scores(x.double(), eps, 2, seed=4)
     b = EVALUATORS.create(name, chunk_size=5, **kw).scores(x.double(), eps, 2, seed=4)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # logreg's float32 Newton phase uses MKL batched sgemm, whose rounding for some shapes
+    # depends on a matrix's position in the batch; the float64 polish to ~1e-14 gradients
+    # leaves differences at float64 resolution times the conditioning (~1e-12).
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10 if name == "logreg" else 1e-12)
 
 
 def test_evaluate_errors_are_clear():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .basis import gather_rows, sub_chunk_size
+from .basis import gather_rows, inverse_norms, sub_chunk_size
 from .finetune import FinetuneConfig, finetune_scores
 from .logreg import logreg_scores
 from .reference import finetune_reference
@@ -182,7 +182,15 @@ class LogisticRegression(FewShotMethod):
         self.normalize, self.fit_intercept = bool(normalize), bool(fit_intercept)
         self.max_iter, self.tol = _positive_int("max_iter", max_iter), float(tol)
 
+    def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
+        # The feature norms are computed once, not once per chunk.
+        self._inv = inverse_norms(features) if self.normalize else None
+        try:
+            return super().scores(features, episodes, shot, seed)
+        finally:
+            self._inv = None
+
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
                      start: int) -> Tensor:
         return logreg_scores(features, episodes, shot, self.C, self.normalize, self.fit_intercept,
-                             self.max_iter, self.tol)
+                             self.max_iter, self.tol, getattr(self, "_inv", None))
