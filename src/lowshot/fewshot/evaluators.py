@@ -135,6 +135,7 @@ class NearestClassMean(FewShotMethod):
             centre = self._centre(features)
             table = features if centre is None else features - centre.to(features.dtype)
             self._table = F.normalize(table, dim=-1) if self.normalize else table.contiguous()
+            self._sq = self._table.square().sum(-1)                       # |row|^2, once
         try:
             return super().scores(features, episodes, shot, seed)
         finally:
@@ -155,7 +156,7 @@ class NearestClassMean(FewShotMethod):
         nq, dim = way * (m - shot), table.shape[1]
         eps = episodes.to(table.device)
         sup, qry = eps[:, :, :shot].reshape(e, -1), eps[:, :, shot:].reshape(e, nq)
-        sq = table.square().sum(-1)                                       # |row|^2
+        sq = self._sq
         out = torch.empty(e, nq, way, dtype=torch.float64, device=table.device)
         step = max(1, (1 << 18) // (way * m * dim))
         buf = table.new_empty(min(step, e) * way * m, dim)
