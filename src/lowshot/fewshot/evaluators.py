@@ -23,6 +23,7 @@ from .logreg import _gather, logreg_scores
 from .reference import finetune_reference
 
 EVALUATORS: Registry = Registry("few-shot method")
+_NCM_BLOCK = 1 << 20   # floats of gathered rows per NCM block
 
 
 def list_methods() -> list[str]:
@@ -158,7 +159,7 @@ class NearestClassMean(FewShotMethod):
         sup, qry = eps[:, :, :shot].reshape(e, -1), eps[:, :, shot:].reshape(e, nq)
         sq = self._sq
         out = torch.empty(e, nq, way, dtype=torch.float64, device=table.device)
-        step = max(1, (1 << 18) // (way * m * dim))
+        step = max(1, _NCM_BLOCK // (way * m * dim))
         buf = table.new_empty(min(step, e) * way * m, dim)
         for s in range(0, e, step):
             k = min(step, e - s)

@@ -36,8 +36,10 @@ _FIT_BUDGET_BYTES = 1 << 26  # working memory of one batched Newton-CG fit (abou
 _GATHER_BUDGET = 1 << 18     # floats per block of gathered feature rows (stays in cache)
 _MAX_CG = 100                # CG iterations per Newton step (a safeguard: a few are typical)
 _PHASE1_TOL = 1e-4           # float32 Newton stops here (well above float32 gradient noise)
-_REFINE_STEPS = 6            # float64-residual Newton steps (2 are typical)
-_POLISH_TOL = 1e-14          # refinement goes on to about float64 resolution (see _refine)
+_REFINE_STEPS = 6            # float64-residual Newton steps (2-3 are typical)
+_REFINE_CG = 20              # CG iterations per refinement step (float32 CG stalls near 1e-6)
+_REFINE_RTOL = 1e-8          # squared relative CG residual per refinement step
+_POLISH_TOL = 1e-12          # refinement goes on to about float64 resolution (see _refine)
 
 
 def _phi(x: Tensor) -> Tensor:
@@ -47,7 +49,7 @@ def _phi(x: Tensor) -> Tensor:
 
 
 def _pcg(z: Tensor, zt: Tensor, minv: Tensor, p: Tensor, g: Tensor, pen: Tensor,
-         target: Tensor) -> tuple[Tensor, Tensor]:
+         target: Tensor, max_iter: int = _MAX_CG) -> tuple[Tensor, Tensor]:
     """Per-episode preconditioned CG on ``H d = -g``; returns ``(d, Z d^T)``.
 
     Shapes: ``z`` [a, n, q], ``zt`` its transpose (contiguous: the fast matmul layout), ``minv``
@@ -63,7 +65,7 @@ def _pcg(z: Tensor, zt: Tensor, minv: Tensor, p: Tensor, g: Tensor, pen: Tensor,
     d = torch.zeros_like(g)
     dl = torch.zeros_like(p)
     zero = torch.zeros_like(rz)
-    for _ in range(_MAX_CG):
+    for _ in range(max_iter):
         going = r.square().sum((1, 2)) > target
         if not bool(going.any()):
             break
@@ -178,7 +180,8 @@ def _refine(z64: Tensor, z: Tensor, zt: Tensor, minv: Tensor, yt: Tensor, pen64:
         else:
             prev = gmax
         g32 = g.to(z.dtype)
-        d, _ = _pcg(z, zt, minv, p.to(z.dtype), g32, pen32, g32.square().sum((1, 2)) * 1e-10)
+        d, _ = _pcg(z, zt, minv, p.to(z.dtype), g32, pen32, g32.square().sum((1, 2)) * _REFINE_RTOL,
+                    _REFINE_CG)
         before = theta
         theta = theta + d.to(theta.dtype)
     return out
