@@ -20,24 +20,28 @@ _CHOL_RTOL = 1e-10
 _EIG_RTOL = 1e-12
 
 
-def support_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
+def support_basis(gram: Tensor, transform: bool = True) -> tuple[Tensor, Tensor | None]:
     """From Gram matrices ``[E, n, n]`` (float64) return ``(coords, T)``, both ``[E, n, n]``.
 
     ``coords[e, j]`` are the coordinates of support sample ``j``; ``T[e]`` maps products with
     the support (``X v``) to coordinates.  Rank-deficient episodes get zero columns for the
     missing directions, which is exact because no support vector has a component there.
+    ``transform=False`` skips ``T`` (returned as None): a solver that maps its result back
+    through the support rows themselves (logreg's KKT weights) never needs it.
     """
     e, n, _ = gram.shape
     chol, info = torch.linalg.cholesky_ex(gram)
     diag = chol.diagonal(dim1=-2, dim2=-1)
     scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
     ok = (info == 0) & ((diag * diag).amin(-1) > _CHOL_RTOL * scale)
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand(e, n, n)
     coords = torch.where(ok[:, None, None], chol, torch.zeros((), dtype=gram.dtype, device=gram.device))
-    safe = torch.where(ok[:, None, None], chol, eye)
-    # A contiguous right-hand side: with the stride-0 expanded identity, batched CPU
-    # solve_triangular is ~1000x slower at n = 25 (torch 2.x), identical results.
-    transform = torch.linalg.solve_triangular(safe, eye.contiguous(), upper=False)
+    out = None
+    if transform:
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand(e, n, n)
+        safe = torch.where(ok[:, None, None], chol, eye)
+        # A contiguous right-hand side: with the stride-0 expanded identity, batched CPU
+        # solve_triangular is ~1000x slower at n = 25 (torch 2.x), identical results.
+        out = torch.linalg.solve_triangular(safe, eye.contiguous(), upper=False)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         lam, vec = torch.linalg.eigh(gram[bad])
@@ -45,8 +49,9 @@ def support_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
         root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
         inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(lam))
         coords[bad] = vec * root.unsqueeze(-2)
-        transform[bad] = inv_root.unsqueeze(-1) * vec.transpose(-1, -2)
-    return coords, transform
+        if out is not None:
+            out[bad] = inv_root.unsqueeze(-1) * vec.transpose(-1, -2)
+    return coords, out
 
 
 def inverse_norms(features: Tensor) -> Tensor:

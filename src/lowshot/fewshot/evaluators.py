@@ -17,12 +17,13 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .basis import gather_rows, sub_chunk_size
+from .basis import gather_rows, inverse_norms, sub_chunk_size
 from .finetune import FinetuneConfig, finetune_scores
-from .logreg import logreg_scores
+from .logreg import _gather, logreg_scores
 from .reference import finetune_reference
 
 EVALUATORS: Registry = Registry("few-shot method")
+_NCM_BLOCK = 1 << 20   # floats of gathered rows per NCM block
 
 
 def list_methods() -> list[str]:
@@ -110,7 +111,9 @@ class NearestClassMean(FewShotMethod):
     L2-normalise (``normalize``), average each class's support into a prototype, and score
     queries by cosine similarity (``metric="cosine"``) or negative squared L2 distance
     (``metric="l2"``).  With ``metric="l2"`` and no normalisation, centering is a no-op
-    (distances are translation invariant).  Computed in float64.
+    (distances are translation invariant).  A global centre and the normalisation are applied
+    once to the whole feature table (then each episode is a gather and one batched matmul, in
+    the features' precision); per-episode centring (``center=True``) is computed in float64.
     """
 
     name = "ncm"
@@ -129,8 +132,54 @@ class NearestClassMean(FewShotMethod):
         self.center = bool(center) or self.center_vector is not None
         self.normalize = bool(normalize)
 
+    def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
+        self._table = None
+        if not (self.center and self.center_vector is None):
+            centre = self._centre(features)
+            table = features if centre is None else features - centre.to(features.dtype)
+            self._table = F.normalize(table, dim=-1) if self.normalize else table.contiguous()
+            self._sq = self._table.square().sum(-1)                       # |row|^2, once
+        try:
+            return super().scores(features, episodes, shot, seed)
+        finally:
+            self._table = None
+
+    def _centre(self, features: Tensor) -> Tensor | None:
+        centre = self.center_vector
+        if centre is not None:
+            if centre.numel() != features.shape[1]:
+                raise DataError(f"ncm center_vector has {centre.numel()} values, "
+                                f"the features have {features.shape[1]} dims")
+            centre = centre.to(features.device)
+        return centre
+
+    def _table_scores(self, table: Tensor, episodes: Tensor, shot: int) -> Tensor:
+        """Scores from the centred/normalised table: gathers into reused buffers, one bmm."""
+        e, way, m = episodes.shape
+        nq, dim = way * (m - shot), table.shape[1]
+        eps = episodes.to(table.device)
+        sup, qry = eps[:, :, :shot].reshape(e, -1), eps[:, :, shot:].reshape(e, nq)
+        sq = self._sq
+        out = torch.empty(e, nq, way, dtype=torch.float64, device=table.device)
+        step = max(1, _NCM_BLOCK // (way * m * dim))
+        buf = table.new_empty(min(step, e) * way * m, dim)
+        for s in range(0, e, step):
+            k = min(step, e - s)
+            proto = _gather(table, sup[s:s + k], buf).view(k, way, shot, dim).mean(2)
+            q = _gather(table, qry[s:s + k], buf)
+            dots = torch.bmm(q, proto.transpose(1, 2))                    # [k, nq, way]
+            p2 = proto.square().sum(-1).unsqueeze(1)
+            q2 = sq[qry[s:s + k]].unsqueeze(-1)
+            if self.metric == "cosine":    # F.normalize's rule: x / max(|x|, 1e-12)
+                out[s:s + k] = dots / (q2.sqrt().clamp_min(1e-12) * p2.sqrt().clamp_min(1e-12))
+            else:
+                out[s:s + k] = -(q2 - 2 * dots + p2).clamp_min(0)
+        return out
+
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
                      start: int) -> Tensor:
+        if getattr(self, "_table", None) is not None:
+            return self._table_scores(self._table, episodes, shot)
         e = episodes.shape[0]
         dev, dim = features.device, features.shape[1]
         eps = episodes.to(dev)
@@ -184,7 +233,15 @@ class LogisticRegression(FewShotMethod):
         self.normalize, self.fit_intercept = bool(normalize), bool(fit_intercept)
         self.max_iter, self.tol = _positive_int("max_iter", max_iter), float(tol)
 
+    def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
+        # The feature norms are computed once, not once per chunk.
+        self._inv = inverse_norms(features) if self.normalize else None
+        try:
+            return super().scores(features, episodes, shot, seed)
+        finally:
+            self._inv = None
+
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
                      start: int) -> Tensor:
         return logreg_scores(features, episodes, shot, self.C, self.normalize, self.fit_intercept,
-                             self.max_iter, self.tol)
+                             self.max_iter, self.tol, getattr(self, "_inv", None))
