@@ -253,6 +253,10 @@ def test_seed_aggregation_matches_hand_computed_values():
     assert f"-0.1*: +11.00 (SE {(4 / 3 + 1) ** 0.5:.2f})" in novel
     base = next(line for line in lines if line.startswith("base acc"))
     assert "-0.1*: -8.50" in base
+    # same seeds at both margins: paired differences 60-50, 64-52 -> mean +11, SE = stdev(10, 12)/sqrt(2) = 1
+    paired = aggregate_seeds(runs[:2] + runs[4:])
+    novel = next(line for line in margin_effect(paired, "head.margin") if line.startswith("novel"))
+    assert "-0.1*: +11.00 (paired SE 1.00)" in novel
 
 
 def test_sweep_figure_error_bars_are_the_seed_std(tmp_path, monkeypatch):

@@ -509,10 +509,12 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 def margin_effect(agg: Sequence[Mapping[str, Any]], axis: str | None, reference: float = 0.0) -> list[str]:
-    """Plain-text lines comparing the point chosen on validation (highest mean ``val_mean`` over seeds)
-    and, separately, every other axis value with the reference value (margin 0): difference of means
-    and its standard error sqrt(s_a^2/n_a + s_b^2/n_b) from the seed spread. Empty when there is no
-    reference point or fewer than two seeds."""
+    """Plain-text lines comparing every axis value with the reference value (margin 0), and naming the
+    point chosen on validation (highest mean ``val_mean`` over seeds, marked ``*``): difference of
+    means with its standard error from the seed spread. When both points ran the same seeds, the
+    comparison is PAIRED (same seed = same initialisation and data order): SE = std of the per-seed
+    differences / sqrt(n), which removes the seed-to-seed offset shared by all margins; otherwise
+    SE = sqrt(s_a^2/n_a + s_b^2/n_b). Empty when there is no reference point or fewer than two seeds."""
     if axis is None:
         return []
     items = [a for a in agg if len(a["point"]) == 1 and axis in a["point"]
@@ -540,9 +542,14 @@ def margin_effect(agg: Sequence[Mapping[str, Any]], axis: str | None, reference:
             if not v or v["mean"] is None or v["n"] < 2:
                 continue
             d = v["mean"] - b["mean"]
-            se = math.sqrt(v["std"] ** 2 / v["n"] + b["std"] ** 2 / b["n"])
             star = "*" if a is chosen else ""
-            cells.append(f"{format_value(a['point'][axis])}{star}: {d:+.2f} (SE {se:.2f})")
+            if a["seeds"] == ref["seeds"] and len(v["values"]) == len(b["values"]):
+                diffs = [x - y for x, y in zip(v["values"], b["values"], strict=True)]
+                se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+                cells.append(f"{format_value(a['point'][axis])}{star}: {d:+.2f} (paired SE {se:.2f})")
+            else:
+                se = math.sqrt(v["std"] ** 2 / v["n"] + b["std"] ** 2 / b["n"])
+                cells.append(f"{format_value(a['point'][axis])}{star}: {d:+.2f} (SE {se:.2f})")
         lines.append(f"{label}, difference to {axis}={reference:g} ({b['mean']:.2f} ± {b['std']:.2f}): "
                      + "; ".join(cells))
     return lines
@@ -639,7 +646,8 @@ def _write_summary(out: Path, grid: Mapping[str, Sequence[Any]], results: list[d
     md += markdown_table(header, rows) + "\n"
     effect = margin_effect(data["aggregate"], axis) if "aggregate" in data else []
     if effect:
-        md += "\nDifferences to the reference point (mean over seeds; SE from the seed spread; * = chosen on val):\n\n" \
+        md += "\nDifferences to the reference point (mean over seeds; SE from the seed spread, paired by seed " \
+              "when both points ran the same seeds; * = chosen on val):\n\n" \
               + "".join(f"- {line}\n" for line in effect)
     md += "\n![accuracy vs sweep axis](sweep.png)\n"
     write_text_atomic(out / "sweep.json", json.dumps(data, indent=2))

@@ -138,8 +138,8 @@ def sweeps_section(c: Collected, figs: _Figs) -> Section:
         s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.get('grid', {})}{extra})"))
         effect = margin_effect(aggregate_seeds(points), sw.data.get("axis")) if seeded else []
         if effect:
-            s.blocks.append(Para("Differences to the reference point (mean over seeds; SE from the seed spread; "
-                                 "* = chosen on validation): " + " | ".join(effect)))
+            s.blocks.append(Para("Differences to the reference point (mean over seeds; SE from the seed spread, "
+                                 "paired by seed; * = chosen on validation): " + " | ".join(effect)))
         p = figures.plot_sweep(points, sw.data.get("axis"), figs.path(f"sweep_{sw.label}"))
         bars = "error bars: std over seeds" if seeded else "error bars: 95% CI over episodes (novel)"
         s.blocks.append(FigureRef(p, f"{sw.label}: base-class and novel-class accuracy and discriminability phi "
