@@ -263,7 +263,8 @@ def test_sweep_figure_error_bars_are_the_seed_std(tmp_path, monkeypatch):
     import lowshot.report.figures as figures
     captured = {}
     real_save = figures.save_figure
-    monkeypatch.setattr(figures, "save_figure", lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path))
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path))
     runs = [_run(m, s, 80.0 + s + 10 * m, 60.0 - 2 * s - 10 * m, 1.0, 1.0 + s) for m in (-0.1, 0.1) for s in (0, 1, 2)]
     path = figures.plot_sweep(runs, "head.margin", tmp_path / "f.png")
     assert path.read_bytes()[:4] == b"\x89PNG"

@@ -528,8 +528,10 @@ def margin_effect(agg: Sequence[Mapping[str, Any]], axis: str | None, reference:
     with_val = [a for a in items if a["val_mean"]["mean"] is not None]
     chosen = max(with_val, key=lambda a: a["val_mean"]["mean"]) if with_val else None
     if chosen is not None:
-        lines.append(f"chosen on validation (highest mean val accuracy over seeds): {axis}={format_value(chosen['point'][axis])} "
-                     f"(val {chosen['val_mean']['mean']:.2f} vs {ref['val_mean']['mean']:.2f} at {axis}={reference:g})")
+        at_ref = f"{ref['val_mean']['mean']:.2f}" if ref["val_mean"]["mean"] is not None else "-"
+        lines.append(f"chosen on validation (highest mean val accuracy over seeds): "
+                     f"{axis}={format_value(chosen['point'][axis])} (val {chosen['val_mean']['mean']:.2f} vs "
+                     f"{at_ref} at {axis}={reference:g})")
     for label, get in metrics:
         b = get(ref)
         if not b or b["mean"] is None:
