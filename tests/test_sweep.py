@@ -10,7 +10,7 @@ from lowshot.cli import main
 from lowshot.config import load_config, to_dict
 from lowshot.errors import ConfigError
 
-from conftest import ROOT, needs_fmnist
+from conftest import OMNIGLOT_DIR, ROOT, needs_fmnist, needs_omniglot
 
 CFG = ROOT / "configs" / "fashion_mnist" / "conv4_neg_cosine.yaml"
 # 20 images per class: 2 steps of 32 base images, novel episodes of 5 shots + 15 queries still fit
@@ -335,3 +335,27 @@ def test_seeded_sweep_runs_each_point_seed_resumably(tmp_path, counted_train):
     counted_train.clear()
     run_sweep(CFG, {"head.margin": [0.0]}, out, seeds=[0, 1, 2], **kw)
     assert counted_train == []
+
+
+@needs_omniglot
+def test_within_alphabet_protocol_groups_episodes_by_the_novel_alphabets(tmp_path, monkeypatch):
+    import lowshot.fewshot as fewshot
+    seen = []
+    real = fewshot.evaluate
+
+    def spy(features, labels, **kw):
+        seen.append((kw["way"], kw["shot"], kw.get("groups"), labels, kw["class_names"]))
+        return real(features, labels, **kw)
+
+    monkeypatch.setattr(fewshot, "evaluate", spy)
+    cfg = ROOT / "configs" / "omniglot" / "margin_study.yaml"
+    res = run_sweep(cfg, {"head.margin": [0.0]}, tmp_path / "om", seeds=[0], protocols=["5x1", "20x1@alphabet"],
+                    episodes=10, overrides=[f"data.root={OMNIGLOT_DIR}", "train.epochs=0", "val.every=0",
+                                            "train.progress=false"], log=quiet)
+    (r,) = res
+    assert set(r["fewshot"]) == {"5x1", "20x1@alphabet"} and r["fewshot"]["20x1@alphabet"]["within"] == "alphabet"
+    (way5, _, g5, _, _), (way20, shot, groups, labels, names) = seen
+    assert (way5, g5) == (5, None) and (way20, shot) == (20, 1)
+    # one alphabet per sample, lined up with the features: the alphabet of the sample's own class
+    assert groups == [names[int(y)].split("/")[0] for y in labels]
+    assert len(set(groups)) >= 2  # the novel split holds several alphabets, episodes stay inside one
