@@ -290,6 +290,8 @@ def test_bad_seeds_and_protocols_fail_before_training(tmp_path, monkeypatch, cap
         run_sweep(CFG, {"head.margin": [0.0]}, tmp_path, seeds=[0, 0], log=quiet)
     with pytest.raises(ConfigError, match="not both"):
         run_sweep(CFG, {"head.margin": [0.0], "train.seed": [0, 1]}, tmp_path, seeds=[2], log=quiet)
+    with pytest.raises(ConfigError, match="--shots .* or as --protocols, not both"):
+        run_sweep(CFG, {"head.margin": [0.0]}, tmp_path, shots=[1], protocols=["5x1"], log=quiet)
     with pytest.raises(ConfigError, match="bad few-shot protocol '5-1'"):
         run_sweep(CFG, {"head.margin": [0.0]}, tmp_path, protocols=["5-1"], log=quiet)
     assert main(["sweep", str(CFG), "head.margin=0", "--seeds", "1", "1", "--out", str(tmp_path)]) == 2

@@ -317,6 +317,8 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
     out = Path(out_dir) if out_dir is not None else Path(base.out_dir) / f"{base.name}_sweep"
     points = expand_grid(grid)
     seed_list = _check_seeds(grid, seeds)
+    if shots and protocols:
+        raise ConfigError("give the novel protocols either as --shots (eval.way x shot) or as --protocols, not both")
     if seed_list:
         points = [{**p, SEED_KEY: s} for p in points for s in seed_list]
     # resolve every point first: a typo in the last value must not surface after hours of training
