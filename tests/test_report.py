@@ -248,3 +248,30 @@ def test_report_from_real_training_analysis_and_decouple_outputs(tmp_path):
     assert len(_imgs(html)) == 5
     shutil.rmtree(run)  # the report is self-contained: it does not need the run any more
     assert len(_imgs((tmp_path / "r" / "report.html").read_text())) == 5
+
+
+def test_report_of_a_seeded_sweep_shows_mean_std_and_the_seed_figure(tmp_path):
+    sweep = tmp_path / "seeded"
+    points = []
+    for m in (-0.1, 0):
+        for s, acc in enumerate((60.0, 62.0, 64.0)):
+            name = f"head.margin={m},train.seed={s}"
+            (sweep / name).mkdir(parents=True)
+            res = {"name": name, "point": {"head.margin": m, "train.seed": s}, "epoch": 2,
+                   "base_acc": 80.0 + s, "val_mean": 50.0 - m,
+                   "fewshot": {"5x1": {"mean": acc - 10 * m, "ci95": 0.5, "way": 5, "shot": 1, "within": None},
+                               "20x1@alphabet": {"mean": acc - 20, "ci95": 0.4, "way": 20, "shot": 1,
+                                                 "within": "alphabet"}},
+                   "phi": {"base": {"phi": 2.0, "space": "l2"}, "novel": {"phi": 1.0 + s, "space": "l2"}},
+                   "protocol": {"protocols": ["5x1", "20x1@alphabet"], "episodes": 100, "method": "ncm"}}
+            (sweep / name / "result.json").write_text(json.dumps(res))
+            points.append(res)
+    (sweep / "sweep.json").write_text(json.dumps({"grid": {"head.margin": [-0.1, 0]}, "axis": "head.margin",
+                                                  "seeds": [0, 1, 2], "points": points}))
+    html = build_report([sweep], tmp_path / "r").read_text()
+    assert "mean ± sample std over seeds" in html and "error bars: std over seeds" in html
+    # -0.1: 61, 63, 65 -> 63 ± 2 with the mean per-seed CI 0.5 beside it; 20-way within alphabet column
+    assert "<td>63.00 ± 2.00 [0.50]</td>" in html and "novel 20-way 1-shot within alphabet %" in html
+    assert "-0.1*: +1.00 (paired SE 0.00)" in html  # 63 - 62 vs margin 0; every seed differs by exactly 1
+    # the few-shot table reads the protocol keys (way 20 within alphabet), one row per (run, protocol)
+    assert "<td>20 (within alphabet)</td>" in html

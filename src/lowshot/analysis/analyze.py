@@ -47,7 +47,8 @@ def split_features(model: torch.nn.Module, cfg: Config, transform: Callable[[tor
     backbone = model.backbone if hasattr(model, "backbone") else model
     feats, labels = extract_features(backbone, ds, transform, batch_size, device, show_progress=show_progress,
                                      desc=f"features ({split})")
-    return {"features": feats, "labels": labels, "class_names": list(ds.class_names), "split": split}
+    return {"features": feats, "labels": labels, "class_names": list(ds.class_names), "split": split,
+            "dataset": ds}  # dataset order = feature order: ds.sample_groups() lines up with the features
 
 
 def split_report(feats: dict[str, Any], head_name: str) -> dict[str, Any]:

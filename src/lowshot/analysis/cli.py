@@ -19,7 +19,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import parse_sweep_args, run_sweep
     grid, fixed = parse_sweep_args(args.grid)
     run_sweep(args.config, grid, args.out, shots=args.shots, episodes=args.episodes, method=args.method,
-              overrides=fixed)
+              protocols=args.protocols, seeds=args.seeds, overrides=fixed)
     return 0
 
 
@@ -46,7 +46,14 @@ def register(subparsers: Any) -> None:
     s.add_argument("config", help="YAML config or packaged recipe name (e.g. fashion_mnist/conv4_neg_cosine)")
     s.add_argument("grid", nargs="+", metavar="KEY=V1,V2,...", help="e.g. head.margin=-0.3,-0.1,0,0.1")
     s.add_argument("--out", help="sweep folder (default: OUT_DIR/NAME_sweep from the config)")
-    s.add_argument("--shots", type=int_at_least(1), nargs="+", help="few-shot shots to evaluate (default: eval.shots)")
+    s.add_argument("--shots", type=int_at_least(1), nargs="+", help="few-shot shots to evaluate, eval.way-way each "
+                   "(default: eval.shots)")
+    s.add_argument("--protocols", nargs="+", metavar="WAYxSHOT[@KEY]",
+                   help="novel-class protocols instead of --shots, e.g. 5x1 5x5 20x1@alphabet (@KEY: every "
+                        "episode's classes from one group of class metadata KEY, e.g. one Omniglot alphabet)")
+    s.add_argument("--seeds", type=int_at_least(0), nargs="+", metavar="SEED",
+                   help="train every point once per train.seed (e.g. --seeds 0 1 2); tables and the figure "
+                        "report mean ± std over seeds")
     s.add_argument("--episodes", type=int_at_least(1), help="episodes per evaluation (default: eval.episodes)")
     s.add_argument("--method", help="few-shot method (default: eval.method)")
     s.set_defaults(func=cmd_sweep)

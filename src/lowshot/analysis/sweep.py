@@ -7,6 +7,14 @@ Layout of a sweep directory::
     <out>/<point-name>/result.json   written last: its presence marks the point as finished
     <out>/sweep.json, sweep.md, sweep.png
 
+With ``seeds``, every grid point is trained once per seed (``train.seed``), each (point, seed) a
+normal resumable run named ``<point-name>,train.seed=<s>``; tables and figures then show the mean
++/- sample std over seeds (the per-episode 95% CI of one seed is kept beside it).
+
+Novel-class protocols are ``WAYxSHOT`` or ``WAYxSHOT@KEY`` (e.g. ``5x1``, ``20x1@alphabet``): ``@KEY``
+draws every episode's classes from one group of the dataset's class metadata ``KEY`` (Lake et
+al.'s within-alphabet Omniglot episodes, ``ImageDataset.sample_groups``).
+
 Resumable: a finished point is read back, an interrupted one resumes from its ``last.pt``
 (bit-exact, see ``lowshot.train``), a point trained but not evaluated is only evaluated. A point
 whose stored config differs from the requested one is an error (never silently mixed results).
@@ -16,6 +24,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -153,13 +164,92 @@ def config_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str | N
     return None
 
 
-# ----------------------------------------------------------------------------- one point
+# ----------------------------------------------------------------------------- novel protocols
 
-def protocol_of(cfg: Config, shots: Sequence[int] | None, episodes: int | None, method: str | None) -> dict[str, Any]:
+SEED_KEY = "train.seed"
+_PROTOCOL_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:@\s*([A-Za-z_][\w.-]*)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One novel-class evaluation: ``way``-way ``shot``-shot, optionally within groups of ``within``."""
+    way: int
+    shot: int
+    within: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Key in ``result.json["fewshot"]`` and text on the command line: ``5x1``, ``20x1@alphabet``."""
+        return f"{self.way}x{self.shot}" + (f"@{self.within}" if self.within else "")
+
+    @property
+    def title(self) -> str:
+        return f"{self.way}-way {self.shot}-shot" + (f" within {self.within}" if self.within else "")
+
+
+def parse_protocol(text: str) -> Protocol:
+    """``'5x1'`` / ``'20x1@alphabet'`` -> Protocol (ConfigError naming the accepted form)."""
+    m = _PROTOCOL_RE.match(str(text))
+    if not m or int(m.group(1)) < 2 or int(m.group(2)) < 1:
+        raise ConfigError(f"bad few-shot protocol {text!r}: expected WAYxSHOT or WAYxSHOT@GROUP_KEY with way >= 2 "
+                          f"and shot >= 1 (e.g. 5x1, 5x5, 20x1@alphabet)")
+    return Protocol(int(m.group(1)), int(m.group(2)), m.group(3))
+
+
+def fewshot_items(result: Mapping[str, Any]) -> list[tuple[str, Protocol, dict[str, Any]]]:
+    """(key, protocol, {"mean", "ci95", ...}) of a point's few-shot results, in stored order. Reads
+    today's ``WAYxSHOT[@KEY]`` keys and the shot-only keys (``"1"``) of sweeps written before
+    protocols existed (their way is the stored protocol's ``way``)."""
+    way = (result.get("protocol") or {}).get("way", 5)
+    out = []
+    for key, entry in (result.get("fewshot") or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        if str(key).isdigit():
+            proto = Protocol(int(way), int(key))
+        else:
+            try:
+                proto = parse_protocol(str(key))
+            except ConfigError:
+                continue
+        out.append((str(key), proto, entry))
+    return out
+
+
+def protocol_of(cfg: Config, shots: Sequence[int] | None, episodes: int | None, method: str | None,
+                protocols: Sequence[str] | None = None) -> dict[str, Any]:
+    """The evaluation protocol of a point; ``protocols`` (``5x1``, ``20x1@alphabet``) win over
+    ``shots`` (``eval.way`` x each shot), which default to ``eval.shots``."""
     e = cfg.eval
-    return {"way": e.way, "shots": [int(s) for s in (e.shots if shots is None else shots)], "query": e.query,
-            "episodes": int(e.episodes if episodes is None else episodes), "method": method or e.method, "seed": e.seed,
-            "options": dict(e.options)}
+    if protocols:
+        parsed = [parse_protocol(p) for p in protocols]
+    else:
+        parsed = [Protocol(int(e.way), int(s)) for s in (e.shots if shots is None else shots)]
+    labels = list(dict.fromkeys(p.label for p in parsed))
+    return {"protocols": labels, "query": e.query, "episodes": int(e.episodes if episodes is None else episodes),
+            "method": method or e.method, "seed": e.seed, "options": dict(e.options)}
+
+
+def check_protocol_groups(cfg: Config, protocol: Mapping[str, Any]) -> None:
+    """A ``@KEY`` protocol needs a novel split whose classes carry metadata ``KEY``: checked before any
+    training (loading the novel split once), so a typo never surfaces after hours of training."""
+    keys = {parse_protocol(p).within for p in protocol["protocols"]} - {None}
+    if not keys:
+        return
+    if not cfg.data.novel_split:
+        raise ConfigError(f"protocol(s) {', '.join(sorted(protocol['protocols']))} need data.novel_split")
+    from ..data import build_dataset
+    from ..errors import DataError
+    d = cfg.data
+    ds = build_dataset(d.name, d.novel_split, root=d.root, image_size=d.image_size, **d.options)
+    for key in sorted(keys):
+        if key not in ds.class_meta:
+            have = ", ".join(sorted(ds.class_meta)) or "none"
+            raise DataError(f"protocol @{key}: dataset {d.name!r} split {d.novel_split!r} has no class metadata "
+                            f"{key!r} to group episodes by (available: {have})")
+
+
+# ----------------------------------------------------------------------------- one point
 
 
 def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any],
@@ -190,12 +280,18 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any],
         if kind == "novel":
             from ..fewshot import evaluate
             kw = _fewshot_method_kwargs(cfg, protocol["method"], protocol["options"])
-            for shot in protocol["shots"]:
-                res = evaluate(feats["features"], feats["labels"], way=protocol["way"], shot=shot,
+            groups: dict[str, list[Any]] = {}
+            for label in protocol["protocols"]:
+                p = parse_protocol(label)
+                if p.within and p.within not in groups:
+                    groups[p.within] = feats["dataset"].sample_groups(p.within)
+                res = evaluate(feats["features"], feats["labels"], way=p.way, shot=p.shot,
                                query=protocol["query"], episodes=protocol["episodes"], method=protocol["method"],
-                               seed=protocol["seed"], device=device, class_names=feats["class_names"], **kw)
-                result["fewshot"][str(shot)] = {"mean": float(res["mean"]), "ci95": float(res["ci95"])}
-                log(f"  novel {protocol['way']}-way {shot}-shot ({protocol['method']}, {protocol['episodes']} "
+                               seed=protocol["seed"], device=device, class_names=feats["class_names"],
+                               groups=groups.get(p.within) if p.within else None, **kw)
+                result["fewshot"][label] = {"mean": float(res["mean"]), "ci95": float(res["ci95"]),
+                                            "way": p.way, "shot": p.shot, "within": p.within}
+                log(f"  novel {p.title} ({protocol['method']}, {protocol['episodes']} "
                     f"episodes): {res['mean']:.2f} ± {res['ci95']:.2f}")
     return result
 
@@ -204,13 +300,17 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any],
 
 def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], out_dir: str | Path | None = None, *,
               shots: Sequence[int] | None = None, episodes: int | None = None, method: str | None = None,
+              protocols: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
               overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train + evaluate every grid point sequentially; returns one result dict per point (grid order).
+    """Train + evaluate every grid point sequentially; returns one result dict per (point, seed) run
+    (grid order, seeds innermost).
 
     ``config``: a YAML path or a Config; ``overrides``: fixed ``key=value`` for every point;
-    ``shots`` / ``episodes`` / ``method`` default to the config's ``eval`` section. A point whose
-    loss diverges is reported (``"error"`` key, "(diverged)" in the table) and the sweep goes on;
-    it has no result.json, so the next run retries it.
+    ``protocols`` (``5x1``, ``20x1@alphabet``) or ``shots`` (``eval.way`` x shot), ``episodes`` and
+    ``method`` default to the config's ``eval`` section. ``seeds``: train every point once per
+    ``train.seed`` value (the summary then aggregates mean +/- std over seeds). A point whose loss
+    diverges is reported (``"error"`` key, "(diverged)" in the table) and the sweep goes on; it has
+    no result.json, so the next run retries it.
     """
     from ..checkpoint import load_checkpoint, write_text_atomic
     from ..config import apply_overrides
@@ -220,6 +320,11 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
     base = load_config(config, overrides) if not isinstance(config, Config) else apply_overrides(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path(base.out_dir) / f"{base.name}_sweep"
     points = expand_grid(grid)
+    seed_list = _check_seeds(grid, seeds)
+    if shots and protocols:
+        raise ConfigError("give the novel protocols either as --shots (eval.way x shot) or as --protocols, not both")
+    if seed_list:
+        points = [{**p, SEED_KEY: s} for p in points for s in seed_list]
     # resolve every point first: a typo in the last value must not surface after hours of training
     plan, seen = [], {}
     for point in points:
@@ -233,11 +338,13 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
     if any(cfg.train.tensorboard for _, _, cfg in plan):
         from ..tblog import summary_writer_class
         summary_writer_class()  # a missing tensorboard package fails before the sweep folder exists
+    check_protocol_groups(plan[0][2], protocol_of(plan[0][2], shots, episodes, method, protocols))
     out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = dict(grid=grid, seeds=seed_list)
     results: list[dict[str, Any]] = []
     for i, (point, name, cfg) in enumerate(plan, 1):
         rdir = out / name
-        protocol = protocol_of(cfg, shots, episodes, method)
+        protocol = protocol_of(cfg, shots, episodes, method, protocols)
         wanted = to_dict(cfg)
         res_path = rdir / "result.json"
         stored = _read_json(res_path)
@@ -265,17 +372,31 @@ def run_sweep(config: str | Path | Config, grid: Mapping[str, Sequence[Any]], ou
             log(f"[{i}/{len(plan)}] {name}: DIVERGED ({error}); not evaluated, retried on the next run")
             results.append({"name": name, "point": dict(point), "run_dir": name, "error": error,
                             "fewshot": {}, "phi": {}})
-            _write_summary(out, grid, results, log=None, figure=False)
+            _write_summary(out, **summary, results=results, log=None, figure=False)
             continue
         result = {"name": name, "point": dict(point), "run_dir": name,
                   **evaluate_point(rdir, cfg, protocol, log), "protocol": protocol, "config": wanted}
         write_text_atomic(res_path, json.dumps(result, indent=2))
         log(f"[{i}/{len(plan)}] {name}: {summary_line(result)}")
         results.append(result)
-        _write_summary(out, grid, results, log=None, figure=False)  # partial table if interrupted later
-    _write_summary(out, grid, results, log=log)
+        _write_summary(out, **summary, results=results, log=None, figure=False)  # partial table if interrupted later
+    _write_summary(out, **summary, results=results, log=log)
     return results
 
+
+def _check_seeds(grid: Mapping[str, Sequence[Any]], seeds: Sequence[int] | None) -> list[int]:
+    if not seeds:
+        return []
+    if SEED_KEY in grid:
+        raise ConfigError(f"give the seeds either as --seeds or as a {SEED_KEY}=... axis, not both")
+    out: list[int] = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"--seeds: {s!r} is not a non-negative integer")
+        if s in out:
+            raise ConfigError(f"--seeds: seed {s} is given twice")
+        out.append(s)
+    return out
 
 def _train_point(train: Callable[..., Any], cfg: Config, rdir: Path, log: Callable[[str], None],
                  **kw: Any) -> str | None:
@@ -319,8 +440,8 @@ def _check_same(stored: dict[str, Any], wanted: dict[str, Any], rdir: Path) -> N
 
 def summary_line(result: dict[str, Any]) -> str:
     parts = [f"base acc {_pct(result.get('base_acc'))}"]
-    for shot, r in result.get("fewshot", {}).items():
-        parts.append(f"novel {shot}-shot {r['mean']:.2f} ± {r['ci95']:.2f}")
+    for _, proto, r in fewshot_items(result):
+        parts.append(f"novel {proto.title} {r['mean']:.2f} ± {r['ci95']:.2f}")
     for kind, r in result.get("phi", {}).items():
         parts.append(f"phi {kind} {_num(r.get('phi'))}")
     return ", ".join(parts)
@@ -336,20 +457,175 @@ def _num(x: Any) -> str:
     return f"{float(x):.4g}" if math.isfinite(float(x)) else "inf"
 
 
+# ----------------------------------------------------------------------------- seeds
+
+def stat(values: Sequence[Any]) -> dict[str, Any]:
+    """Mean and SAMPLE standard deviation (n - 1) of per-seed values; ``std`` is None with one value.
+    A None / non-finite value (e.g. phi = inf) makes the mean None: an average with inf is not a number."""
+    vals = list(values)
+    finite = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(float(v))]
+    if not vals or len(finite) < len(vals):
+        return {"mean": None, "std": None, "n": len(vals), "values": vals}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else None,
+            "n": len(finite), "values": finite}
+
+
+def is_seeded(results: Sequence[Mapping[str, Any]]) -> bool:
+    return any(SEED_KEY in (r.get("point") or {}) for r in results)
+
+
+def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per grid point (first-seen order) over its ``train.seed`` runs: ``base_acc``,
+    ``val_mean``, every few-shot protocol and phi (base, novel) as ``stat`` dicts (mean, sample std,
+    n, values). Few-shot entries also keep ``ci95`` = the mean over seeds of the per-episode 95% CI
+    (the within-run uncertainty, beside the across-seed spread). Diverged runs are listed in
+    ``diverged`` and left out of the statistics. Results without a seed are their own point (n = 1)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    points: dict[str, dict[str, Any]] = {}
+    for r in results:
+        point = {k: v for k, v in (r.get("point") or {}).items() if k != SEED_KEY}
+        name = point_name(point) if point else str(r.get("name", "?"))
+        groups.setdefault(name, []).append(r)
+        points.setdefault(name, point)
+    out = []
+    for name, runs in groups.items():
+        ok = [r for r in runs if not r.get("error")]
+        entry: dict[str, Any] = {
+            "name": name, "point": points[name],
+            "seeds": [(r.get("point") or {}).get(SEED_KEY) for r in ok],
+            "diverged": [(r.get("point") or {}).get(SEED_KEY) for r in runs if r.get("error")],
+            "n": len(ok), "base_acc": stat([r.get("base_acc") for r in ok]),
+            "val_mean": stat([r.get("val_mean") for r in ok]), "fewshot": {}, "phi": {},
+        }
+        keys: dict[str, Protocol] = {}
+        for r in ok:
+            for key, proto, _ in fewshot_items(r):
+                keys.setdefault(proto.label, proto)
+        for label, proto in keys.items():
+            cells = [next((e for _, p, e in fewshot_items(r) if p == proto), None) for r in ok]
+            if any(c is None for c in cells):
+                continue  # a protocol not evaluated on every seed is not averaged
+            entry["fewshot"][label] = {**stat([c["mean"] for c in cells]),
+                                       "ci95": statistics.fmean(float(c["ci95"]) for c in cells),
+                                       "way": proto.way, "shot": proto.shot, "within": proto.within}
+        for kind in ("base", "novel"):
+            cells = [(r.get("phi") or {}).get(kind) for r in ok]
+            if cells and all(isinstance(c, dict) for c in cells):
+                entry["phi"][kind] = {**stat([c.get("phi") for c in cells]), "space": cells[0].get("space")}
+        out.append(entry)
+    return out
+
+
+def margin_effect(agg: Sequence[Mapping[str, Any]], axis: str | None, reference: float = 0.0) -> list[str]:
+    """Plain-text lines comparing every axis value with the reference value (margin 0), and naming the
+    point chosen on validation (highest mean ``val_mean`` over seeds, marked ``*``): difference of
+    means with its standard error from the seed spread. When both points ran the same seeds, the
+    comparison is PAIRED (same seed = same initialisation and data order): SE = std of the per-seed
+    differences / sqrt(n), which removes the seed-to-seed offset shared by all margins; otherwise
+    SE = sqrt(s_a^2/n_a + s_b^2/n_b). Empty when there is no reference point or fewer than two seeds."""
+    if axis is None:
+        return []
+    items = [a for a in agg if len(a["point"]) == 1 and axis in a["point"]
+             and isinstance(a["point"][axis], (int, float))]
+    ref = next((a for a in items if float(a["point"][axis]) == reference), None)
+    if ref is None or ref["n"] < 2:
+        return []
+    metrics = [("base acc", lambda a: a["base_acc"])] + \
+        [(f"novel {parse_protocol(k).title}", (lambda a, k=k: a["fewshot"].get(k))) for k in ref["fewshot"]]
+    lines = []
+    with_val = [a for a in items if a["val_mean"]["mean"] is not None]
+    chosen = max(with_val, key=lambda a: a["val_mean"]["mean"]) if with_val else None
+    if chosen is not None:
+        at_ref = f"{ref['val_mean']['mean']:.2f}" if ref["val_mean"]["mean"] is not None else "-"
+        lines.append(f"chosen on validation (highest mean val accuracy over seeds): "
+                     f"{axis}={format_value(chosen['point'][axis])} (val {chosen['val_mean']['mean']:.2f} vs "
+                     f"{at_ref} at {axis}={reference:g})")
+    for label, get in metrics:
+        b = get(ref)
+        if not b or b["mean"] is None:
+            continue
+        cells = []
+        for a in sorted(items, key=lambda a: a["point"][axis]):
+            if a is ref:
+                continue
+            v = get(a)
+            if not v or v["mean"] is None or v["n"] < 2:
+                continue
+            d = v["mean"] - b["mean"]
+            star = "*" if a is chosen else ""
+            if a["seeds"] == ref["seeds"] and len(v["values"]) == len(b["values"]):
+                diffs = [x - y for x, y in zip(v["values"], b["values"], strict=True)]
+                se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+                cells.append(f"{format_value(a['point'][axis])}{star}: {d:+.2f} (paired SE {se:.2f})")
+            else:
+                se = math.sqrt(v["std"] ** 2 / v["n"] + b["std"] ** 2 / b["n"])
+                cells.append(f"{format_value(a['point'][axis])}{star}: {d:+.2f} (SE {se:.2f})")
+        lines.append(f"{label}, difference to {axis}={reference:g} ({b['mean']:.2f} ± {b['std']:.2f}): "
+                     + "; ".join(cells))
+    return lines
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _ms(s: Mapping[str, Any] | None, digits: int = 2) -> str:
+    """``mean ± std`` of a stat dict (``± -`` for a single seed)."""
+    if not s or s.get("mean") is None:
+        return "inf" if s and s.get("values") else "-"
+    if digits:
+        return f"{s['mean']:.{digits}f} ± " + (f"{s['std']:.{digits}f}" if s.get("std") is not None else "-")
+    return f"{s['mean']:.4g} ± " + (f"{s['std']:.2g}" if s.get("std") is not None else "-")
+
+
+def _space(results: Sequence[Mapping[str, Any]]) -> str:
+    spaces = {r2.get("space") for r in results for r2 in (r.get("phi") or {}).values() if isinstance(r2, dict)}
+    return spaces.pop() if len(spaces) == 1 else "headline"
+
+
+def _protocol_columns(results: Sequence[Mapping[str, Any]]) -> list[Protocol]:
+    found = {p for r in results for _, p, _ in fewshot_items(r)}
+    return sorted(found, key=lambda p: (p.within or "", p.way, p.shot))
+
+
 def sweep_table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary table (shared by sweep.md and the HTML report)."""
-    shots = sorted({int(s) for r in results for s in r.get("fewshot", {})})
-    spaces = {r2.get("space") for r in results for r2 in r.get("phi", {}).values()}
-    space = spaces.pop() if len(spaces) == 1 else "headline"
-    header = ["point", "epoch", "base acc %"] + [f"novel {s}-shot %" for s in shots] + \
+    """Header and rows of the summary table (shared by sweep.md and the HTML report): one row per run,
+    or, for a seeded sweep, one row per grid point with mean ± std over seeds."""
+    if is_seeded(results):
+        return seed_table(aggregate_seeds(results))
+    protos = _protocol_columns(results)
+    space = _space(results)
+    header = ["point", "epoch", "base acc %"] + [f"novel {p.title} %" for p in protos] + \
         [f"phi base ({space})", f"phi novel ({space})"]
     rows = []
     for r in results:
-        fs = r.get("fewshot", {})
+        fs = {p: e for _, p, e in fewshot_items(r)}
         name = r.get("name", "?") + (" (diverged)" if r.get("error") else "")
         rows.append([name, str(r.get("epoch", "-")), _pct(r.get("base_acc"))]
-                    + [f"{fs[str(s)]['mean']:.2f} ± {fs[str(s)]['ci95']:.2f}" if str(s) in fs else "-" for s in shots]
+                    + [f"{fs[p]['mean']:.2f} ± {fs[p]['ci95']:.2f}" if p in fs else "-" for p in protos]
                     + [_num(r["phi"][k]["phi"]) if k in r.get("phi", {}) else "-" for k in ("base", "novel")])
+    return header, rows
+
+
+def seed_table(agg: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Rows of aggregated points: ``mean ± std`` over seeds; few-shot cells add ``[c]`` = the mean
+    per-seed 95% CI over episodes."""
+    labels = list(dict.fromkeys(k for a in agg for k in a["fewshot"]))
+    protos = sorted((parse_protocol(k) for k in labels), key=lambda p: (p.within or "", p.way, p.shot))
+    spaces = {v.get("space") for a in agg for v in a["phi"].values()}
+    space = spaces.pop() if len(spaces) == 1 else "headline"
+    header = ["point", "seeds", "base acc %"] + [f"novel {p.title} %" for p in protos] + \
+        [f"phi base ({space})", f"phi novel ({space})"]
+    rows = []
+    for a in agg:
+        seeds = ",".join(str(s) for s in a["seeds"]) or "-"
+        if a["diverged"]:
+            seeds += f" ({len(a['diverged'])} diverged)"
+        cells = []
+        for p in protos:
+            f = a["fewshot"].get(p.label)
+            cells.append(f"{_ms(f)} [{f['ci95']:.2f}]" if f and f["mean"] is not None else "-")
+        rows.append([a["name"], seeds, _ms(a["base_acc"])] + cells
+                    + [_ms(a["phi"].get(k), 0) for k in ("base", "novel")])
     return header, rows
 
 
@@ -358,24 +634,37 @@ def sweep_axis(grid: Mapping[str, Sequence[Any]]) -> str | None:
     if "head.margin" in grid:
         return "head.margin"
     for key, values in grid.items():
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if key != SEED_KEY and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return key
     return None
 
 
 def _write_summary(out: Path, grid: Mapping[str, Sequence[Any]], results: list[dict[str, Any]],
-                   log: Callable[[str], None] | None, figure: bool = True) -> None:
+                   log: Callable[[str], None] | None, figure: bool = True, seeds: Sequence[int] = ()) -> None:
     from ..checkpoint import write_text_atomic
     from ..report.figures import plot_sweep
     from ..report.html import markdown_table
     slim = [{k: v for k, v in r.items() if k != "config"} for r in results]
-    write_text_atomic(out / "sweep.json", json.dumps({"grid": {k: list(v) for k, v in grid.items()},
-                                                       "axis": sweep_axis(grid), "points": slim}, indent=2))
-    header, rows = sweep_table(results)
-    md = f"# Sweep {out.name}\n\n" + markdown_table(header, rows) + "\n\n![accuracy vs sweep axis](sweep.png)\n"
+    axis = sweep_axis(grid)
+    data: dict[str, Any] = {"grid": {k: list(v) for k, v in grid.items()}, "axis": axis, "points": slim}
+    md = f"# Sweep {out.name}\n\n"
+    if is_seeded(slim):
+        agg = aggregate_seeds(slim)
+        data.update(seeds=list(seeds), aggregate=agg)
+        md += (f"{len(agg)} points x seeds {', '.join(str(s) for s in seeds) or '(train.seed axis)'}: "
+               f"mean ± sample std over seeds; [c] = mean per-seed 95% CI over episodes.\n\n")
+    header, rows = sweep_table(slim)
+    md += markdown_table(header, rows) + "\n"
+    effect = margin_effect(data["aggregate"], axis) if "aggregate" in data else []
+    if effect:
+        md += "\nDifferences to the reference point (mean over seeds; SE from the seed spread, paired by seed " \
+              "when both points ran the same seeds; * = chosen on val):\n\n" \
+              + "".join(f"- {line}\n" for line in effect)
+    md += "\n![accuracy vs sweep axis](sweep.png)\n"
+    write_text_atomic(out / "sweep.json", json.dumps(data, indent=2))
     write_text_atomic(out / "sweep.md", md)
     if figure:
-        plot_sweep(slim, sweep_axis(grid), out / "sweep.png")
+        plot_sweep(slim, axis, out / "sweep.png")
     if log is not None:
         log(f"\n{md}")
         log(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")

@@ -111,11 +111,13 @@ def fewshot_section(c: Collected, figs: _Figs) -> Section:
     for r in c.runs:
         sources: list[tuple[str, Any]] = list(r.evals)
         if r.result and r.result.get("fewshot"):
+            from ..analysis.sweep import fewshot_items
             proto = r.result.get("protocol", {})
-            sources.append(("result.json", [{**v, "shot": int(k), "way": proto.get("way"),
+            sources.append(("result.json", [{"mean": v.get("mean"), "ci95": v.get("ci95"), "shot": p.shot,
+                                             "way": p.way if not p.within else f"{p.way} (within {p.within})",
                                              "method": proto.get("method"), "episodes": proto.get("episodes"),
                                              "checkpoint": r.result.get("checkpoint")}
-                                            for k, v in r.result["fewshot"].items()]))
+                                            for _, p, v in fewshot_items(r.result)]))
         for fname, data in sources:
             for rec in accuracy_records(data):
                 rows.append([r.label, fname, str(rec.get("method", "-")), str(rec.get("way", "-")),
@@ -135,7 +137,7 @@ def fewshot_section(c: Collected, figs: _Figs) -> Section:
 
 
 def sweeps_section(c: Collected, figs: _Figs) -> Section:
-    from ..analysis.sweep import sweep_table
+    from ..analysis.sweep import aggregate_seeds, is_seeded, margin_effect, sweep_table
     s = Section("Margin sweeps")
     for sw in c.sweeps:
         points = sw.data.get("points") or []
@@ -143,10 +145,17 @@ def sweeps_section(c: Collected, figs: _Figs) -> Section:
             s.blocks.append(Para(f"{sw.label}: sweep.json lists no finished points yet.", note=True))
             continue
         header, rows = sweep_table(points)
-        s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.get('grid', {})})"))
+        seeded = is_seeded(points)
+        extra = "; mean ± sample std over seeds, [c] = mean per-seed 95% CI over episodes" if seeded else ""
+        s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.get('grid', {})}{extra})"))
+        effect = margin_effect(aggregate_seeds(points), sw.data.get("axis")) if seeded else []
+        if effect:
+            s.blocks.append(Para("Differences to the reference point (mean over seeds; SE from the seed spread, "
+                                 "paired by seed; * = chosen on validation): " + " | ".join(effect)))
         p = figures.plot_sweep(points, sw.data.get("axis"), figs.path(f"sweep_{sw.label}"))
+        bars = "error bars: std over seeds" if seeded else "error bars: 95% CI over episodes (novel)"
         s.blocks.append(FigureRef(p, f"{sw.label}: base-class and novel-class accuracy and discriminability phi "
-                                     f"against {sw.data.get('axis') or 'the sweep point'}"))
+                                     f"against {sw.data.get('axis') or 'the sweep point'} ({bars})"))
     if not s.blocks:
         s.blocks.append(Para("No data: no sweep.json found (run `lowshot sweep`).", note=True))
     return s

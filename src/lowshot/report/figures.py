@@ -76,39 +76,65 @@ def _series(results: Sequence[dict[str, Any]], x_key: str | None) -> dict[str, l
     return groups
 
 
+def _mean_err(s: dict[str, Any] | None, fallback_ci: bool) -> tuple[float, float]:
+    """(mean, error bar) of an aggregated stat: the std over seeds, else (one seed) the per-episode
+    CI when ``fallback_ci`` (novel accuracy), else no bar."""
+    if not s or not _finite(s.get("mean")):
+        return float("nan"), 0.0
+    if _finite(s.get("std")):
+        return float(s["mean"]), float(s["std"])
+    return float(s["mean"]), float(s["ci95"]) if fallback_ci and _finite(s.get("ci95")) else 0.0
+
+
 def plot_sweep(results: Sequence[dict[str, Any]], x_key: str | None, path: str | Path) -> Path:
-    """The paper's margin figure: base and novel (each shot) accuracy vs the swept value, and phi."""
+    """The paper's margin figure (Liu et al. 2020, Fig. 3): accuracy vs the swept value, one curve for
+    the base classes and one per novel protocol, next to phi (base, novel) vs the swept value.
+
+    Runs of several ``train.seed`` values are aggregated per point: markers are means over seeds and
+    error bars the sample std over seeds. A point with one seed shows the per-episode 95% CI for
+    novel accuracy (and no bar for base accuracy and phi)."""
+    from ..analysis.sweep import aggregate_seeds, is_seeded, parse_protocol
+    seeded = is_seeded(results)
+    agg = aggregate_seeds(results)
     fig = new_figure(10.0, 4.0)
     ax_acc, ax_phi = fig.subplots(1, 2)
-    groups = _series(results, x_key)
-    shots = sorted({int(s) for r in results for s in r.get("fewshot", {})})
+    groups = _series(agg, x_key)
+    labels = list(dict.fromkeys(k for a in agg for k in a["fewshot"]))
+    protos = sorted(labels, key=lambda k: (parse_protocol(k).within or "", parse_protocol(k).way,
+                                           parse_protocol(k).shot))
     markers = "osD^v<>p*h"
     for gi, (rest, items) in enumerate(groups.items()):
         suffix = f" [{rest}]" if rest else ""
         xs = [x for x, _ in items]
-        base = [r.get("base_acc") for _, r in items]
-        if any(_finite(b) for b in base):
-            ax_acc.plot(xs, [b if _finite(b) else float("nan") for b in base], marker=markers[gi % 10],
-                        color="C0", label=f"base classes{suffix}")
-        for si, shot in enumerate(shots):
-            fs = [r.get("fewshot", {}).get(str(shot)) for _, r in items]
-            ax_acc.errorbar(xs, [f["mean"] if f else float("nan") for f in fs],
-                            yerr=[f["ci95"] if f else 0.0 for f in fs], marker=markers[gi % 10], capsize=3,
-                            color=f"C{si + 1}", label=f"novel {shot}-shot{suffix}")
+        mk = markers[gi % 10]
+        base = [_mean_err(a["base_acc"], False) for _, a in items]
+        if any(_finite(m) for m, _ in base):
+            ax_acc.errorbar(xs, [m for m, _ in base], yerr=[e for _, e in base], marker=mk, capsize=3,
+                            color="C0", label=f"base classes{suffix}")
+        for si, label in enumerate(protos):
+            vals = [_mean_err(a["fewshot"].get(label), True) for _, a in items]
+            ax_acc.errorbar(xs, [m for m, _ in vals], yerr=[e for _, e in vals], marker=mk, capsize=3,
+                            color=f"C{si + 1}", label=f"novel {parse_protocol(label).title}{suffix}")
         for ki, kind in enumerate(("base", "novel")):
-            phi = [r.get("phi", {}).get(kind, {}).get("phi") for _, r in items]
-            if any(_finite(p) for p in phi):
-                ax_phi.plot(xs, [p if _finite(p) else float("nan") for p in phi], marker=markers[gi % 10],
-                            color=f"C{ki}", label=f"{kind}{suffix}")
+            vals = [_mean_err(a["phi"].get(kind), False) for _, a in items]
+            if any(_finite(m) for m, _ in vals):
+                ax_phi.errorbar(xs, [m for m, _ in vals], yerr=[e for _, e in vals], marker=mk, capsize=3,
+                                color=f"C{ki}", label=f"{kind}{suffix}")
     label = x_key or "sweep point"
+    n = sorted({a["n"] for a in agg})
     ax_acc.set_xlabel(label)
     ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy (novel: mean ± 95% CI)", fontsize=9)
+    if seeded:
+        seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        ax_acc.set_title(f"accuracy: mean ± std over {seeds} seeds", fontsize=9)
+        ax_phi.set_title(f"feature discriminability: mean ± std over {seeds} seeds", fontsize=9)
+    else:
+        ax_acc.set_title("accuracy (novel: mean ± 95% CI over episodes)", fontsize=9)
+        ax_phi.set_title("feature discriminability", fontsize=9)
     ax_phi.set_xlabel(label)
     ax_phi.set_ylabel("phi = D_inter / D_intra")
-    ax_phi.set_title("feature discriminability", fontsize=9)
     if x_key is None:
-        names = [r.get("name", str(i)) for i, r in enumerate(results)]
+        names = [a.get("name", str(i)) for i, a in enumerate(agg)]
         for ax in (ax_acc, ax_phi):
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     else:
