@@ -352,8 +352,8 @@ def test_within_alphabet_protocol_groups_episodes_by_the_novel_alphabets(tmp_pat
     monkeypatch.setattr(fewshot, "evaluate", spy)
     cfg = ROOT / "configs" / "omniglot" / "margin_study.yaml"
     res = run_sweep(cfg, {"head.margin": [0.0]}, tmp_path / "om", seeds=[0], protocols=["5x1", "20x1@alphabet"],
-                    episodes=10, overrides=[f"data.root={OMNIGLOT_DIR}", "train.epochs=0", "val.every=0",
-                                            "train.progress=false"], log=quiet)
+                    episodes=10, overrides=[f"data.root={OMNIGLOT_DIR}", "train.epochs=1",
+                                            "train.max_steps_per_epoch=1", "val.every=0", "train.progress=false"], log=quiet)
     (r,) = res
     assert set(r["fewshot"]) == {"5x1", "20x1@alphabet"} and r["fewshot"]["20x1@alphabet"]["within"] == "alphabet"
     (way5, _, g5, _, _), (way20, shot, groups, labels, names) = seen
