@@ -243,10 +243,10 @@ def check_protocol_groups(cfg: Config, protocol: Mapping[str, Any]) -> None:
     d = cfg.data
     ds = build_dataset(d.name, d.novel_split, root=d.root, image_size=d.image_size, **d.options)
     for key in sorted(keys):
-        if key not in ds.class_meta:
-            have = ", ".join(sorted(ds.class_meta)) or "none"
-            raise DataError(f"protocol @{key}: dataset {d.name!r} split {d.novel_split!r} has no class metadata "
-                            f"{key!r} to group episodes by (available: {have})")
+        try:
+            ds.sample_groups(key)
+        except DataError as e:
+            raise DataError(f"protocol @{key}: dataset {d.name!r} split {d.novel_split!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- one point
