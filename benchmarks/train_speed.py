@@ -54,14 +54,13 @@ def lowshot_loop(cfg, workdir: Path, i: int) -> float:
 
 def bare_loop(cfg, steps: int) -> float:
     """The same work written as the shortest plain PyTorch loop; seconds of the timed pass."""
-    from lowshot.loader import tensor_source
     from lowshot.models import build_model
     from lowshot.train import build_optimizer, load_split, make_transforms
     from lowshot.utils import resolve_device, seed_everything
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     ds = load_split(cfg, cfg.data.train_split)
-    images, index_map = tensor_source(ds)  # type: ignore[misc]
+    images, index_map = ds.tensor_source()  # type: ignore[misc]
     labels = ds.labels
     train_tf, _, _ = make_transforms(cfg, ds)
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size).to(device)

@@ -14,7 +14,7 @@ from lowshot.data import build_dataset
 from lowshot.embed import load_for_inference
 from lowshot.errors import ConfigError
 from lowshot.heads import create_head
-from lowshot.loader import BatchLoader
+from lowshot.data.loader import BatchLoader
 from lowshot.longtail import ncm_classifier, stage2, tau_normalize
 from lowshot.longtail.methods import linear_parts
 from lowshot.longtail.stage2 import (

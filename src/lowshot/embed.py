@@ -60,13 +60,12 @@ def embed_dataset_split(checkpoint: str | Path, split: str, *, dataset: str | No
     ``head``: the training head's name (its family sets the fine-tune head of ``eval --features``).
     A reader that takes ``channels`` (e.g. ``image_folder``) is asked for the checkpoint's.
     """
-    from .data.registry import DATASETS, _register_all
+    from .data.registry import DATASETS
     dev = resolve_device(device)
     model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
     meta = ckpt["data"]
     name = dataset or cfg.data.name
     options = dict(cfg.data.options) if dataset is None else {}
-    _register_all()
     if dataset is not None and "channels" in inspect.signature(DATASETS.get(name)).parameters:
         options["channels"] = meta["channels"]
     from .features import build_checkpoint_dataset

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .data.base import ImageDataset
-from .loader import BatchLoader
+from .data.loader import BatchLoader
 from .utils import progress
 
 

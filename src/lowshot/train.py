@@ -36,7 +36,7 @@ from .distributed import (DistContext, all_gather_object, all_reduce, broadcast_
                           evaluate_fewshot, extract_features_distributed, init_distributed, is_distributed,
                           rank0_decides, rank0_first, shard_indices, shutdown)
 from .errors import CheckpointError, ConfigError, DataError, LowshotError
-from .loader import BatchLoader
+from .data.loader import BatchLoader
 from .models import Classifier, build_model
 from .rundir import RunDirLock, clear_run_dir, inspect_new_run_dir, open_resume, remove_temp_leftovers
 from .tblog import TensorBoardLog

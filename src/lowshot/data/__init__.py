@@ -1,4 +1,5 @@
-"""Datasets (one uint8-image contract), splits, batch transforms, checked downloads, safe archives.
+"""Datasets (one uint8-image contract), splits, long-tailed subsets, batch loading and transforms,
+checked downloads, safe archives.
 
 Importing this package imports every reader module so that each registers itself in
 ``DATASETS``; ``build_dataset(name, split, ...)`` then works for all of them.
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 # >>> READER MODULES: every reader, imported for its registration side effect (DATASETS and
 # >>> DOWNLOADERS). A new reader module is added to this import line.
-from . import cifar, cub, fashion_mnist, folder, lt_lists, minimagenet, omniglot, tiered  # noqa: F401
+from . import cifar, cub, fashion_mnist, folder, lt_lists, lt_subsets, minimagenet, omniglot, tiered  # noqa: F401
 from .archives import download_url, md5sum, safe_extract
 from .base import FileImageDataset, ImageDataset, TensorImageDataset
 from .info import DOWNLOADERS, dataset_summary, download_dataset, register_downloader
 from .io import decode_image, list_images, load_image
+from .longtail import balanced_split, class_counts, longtail_counts, make_longtail
 from .registry import DATASETS, build_dataset, list_datasets, register_dataset
 from .splits import explicit_split, holdout_per_class, sample_per_class, split_classes
 from .transforms import DATASET_STATS, build_transform, default_stats
@@ -33,6 +35,10 @@ __all__ = [
     "explicit_split",
     "holdout_per_class",
     "list_datasets",
+    "balanced_split",
+    "class_counts",
+    "longtail_counts",
+    "make_longtail",
     "list_images",
     "load_image",
     "md5sum",

@@ -62,6 +62,11 @@ class ImageDataset(Dataset):
         per_class = self.class_meta[key]
         return [per_class[int(y)] for y in self.labels.tolist()]
 
+    def tensor_source(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(images uint8 [M,C,H,W], index of each sample into them or None)`` when every sample
+        is a row of one in-memory tensor, so a loader can gather a batch with one index; else None."""
+        return None
+
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "ImageDataset":
         """A view on some samples; labels and class names unchanged."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -111,6 +116,13 @@ class _View(ImageDataset):
         inner = self.parent.source_indices() if isinstance(self.parent, _View) else None
         return self.indices if inner is None else inner[self.indices]
 
+    def tensor_source(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        src = self.parent.tensor_source()
+        if src is None:
+            return None
+        images, inner = src
+        return images, self.indices if inner is None else inner[self.indices]
+
 
 class TensorImageDataset(ImageDataset):
     """All images in memory as one uint8 tensor [N,C,H,W] (Fashion-MNIST, Omniglot, CIFAR)."""
@@ -131,6 +143,9 @@ class TensorImageDataset(ImageDataset):
 
     def _load(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+    def tensor_source(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self.images, None
 
 
 class FileImageDataset(ImageDataset):

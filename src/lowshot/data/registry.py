@@ -13,15 +13,9 @@ register_dataset = DATASETS.register
 def build_dataset(name: str, split: str, root: str | None = None, image_size: int | None = None,
                   download: bool = False, **kwargs: Any) -> ImageDataset:
     """Build the named split of a registered dataset (each reader documents its splits)."""
-    _register_all()
     return DATASETS.create(name, split=split, root=root, image_size=image_size, download=download, **kwargs)
 
 
 def list_datasets() -> list[str]:
-    _register_all()
     return DATASETS.names()
 
-
-def _register_all() -> None:
-    """Long-tail datasets live with the long-tail code (which builds on this package): import lazily."""
-    from ..longtail import datasets  # noqa: F401

@@ -8,10 +8,9 @@ the many / medium / few-shot evaluation, and ``stage2`` runs a method on a train
 """
 from __future__ import annotations
 
-from . import datasets  # noqa: F401  (registers the *_lt datasets)
 from .decouple import (apply_lws, learn_lws, ncm_classifier, ncm_predict, ncm_scores, retrain_crt,
                        retrain_crt_on_images, select_tau, tau_normalize)
-from .make import balanced_split, class_counts, class_indices, longtail_counts, make_longtail
+from ..data.longtail import balanced_split, class_counts, class_indices, longtail_counts, make_longtail
 from .methods import METHODS, register_method
 from .metrics import (format_per_class_table, per_class_table, shot_accuracy, shot_groups,
                       thresholds_by_rank)

@@ -320,7 +320,7 @@ def retrain_crt_on_images(backbone: nn.Module, dataset: Any, transform: Callable
     ``stage2_lr``; with ``val_dataset`` (+ ``val_transform``) the backbone (eval mode) scores it after
     every epoch and the best epoch's classifier and BatchNorm statistics are kept, as the official loop.
     """
-    from ..loader import BatchLoader
+    from ..data.loader import BatchLoader
 
     C = int(num_classes if num_classes is not None else dataset.num_classes)
     labels = torch.as_tensor(dataset.labels).long()

@@ -34,7 +34,7 @@ from ..features import extract_features
 from ..models import Classifier, model_from_checkpoint
 from ..utils import resolve_device
 from .. import feature_cache as cache
-from .make import class_counts
+from ..data.longtail import class_counts
 from .methods import METHOD_OPTIONS, METHODS, Fit, OptionSpec
 from .metrics import GROUPS, shot_accuracy, shot_groups, thresholds_by_rank
 

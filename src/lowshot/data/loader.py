@@ -11,20 +11,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from .data.base import ImageDataset, TensorImageDataset, _View
-
-
-def tensor_source(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(images, index map into them) when the dataset is an in-memory tensor or a view of one."""
-    if isinstance(dataset, TensorImageDataset):
-        return dataset.images, None
-    if isinstance(dataset, _View):
-        root = dataset.parent
-        while isinstance(root, _View):
-            root = root.parent
-        if isinstance(root, TensorImageDataset):
-            return root.images, dataset.source_indices()
-    return None
+from .base import ImageDataset
 
 
 class BatchLoader:
@@ -41,7 +28,7 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        src = tensor_source(self.dataset)
+        src = self.dataset.tensor_source()
         if src is not None and self.num_workers == 0:
             images, index_map = src
             labels = self.dataset.labels

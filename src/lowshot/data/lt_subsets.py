@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.base import ImageDataset
-from ..data.registry import DATASETS, build_dataset, register_dataset
+from .base import ImageDataset
+from .registry import DATASETS, build_dataset, register_dataset
 from ..errors import ConfigError, DataError
-from .make import balanced_split, make_longtail
+from .longtail import balanced_split, make_longtail
 
 LT_SPLITS = ("train", "val", "test")
 
@@ -35,8 +35,6 @@ def build_longtail(name: str, base_dataset: str, split: str, root: str | None = 
     """The ``split`` of a long-tailed version of ``base_dataset`` (see the module docstring)."""
     if split not in LT_SPLITS:
         raise ConfigError(f"unknown split {split!r} for dataset {name!r} (choose from {', '.join(LT_SPLITS)})")
-    if base_dataset not in DATASETS:
-        import lowshot.data  # noqa: F401  (registers the package's readers, if not yet imported)
     if base_dataset not in DATASETS:
         raise ConfigError(f"{name}: base dataset {base_dataset!r} is not registered; import the module "
                           f"that defines it (known: {', '.join(DATASETS.names())})")
@@ -73,7 +71,7 @@ def _register(name: str, base: str, val_default: int, *aliases: str) -> None:
 
     factory.__name__ = name
     factory.__doc__ = (f"Long-tailed {base} (splits train / val / test; val_per_class={val_default} by "
-                       f"default). See ``lowshot.longtail.datasets``.")
+                       f"default). See ``lowshot.data.lt_subsets``.")
     register_dataset(name, *aliases)(factory)
 
 
