@@ -26,20 +26,16 @@ PROTOCOLS = ("20x1", "5x1", "5x5", "20x5")
 
 def run(checkpoint: str, split: str, methods: list[str], protocols: list[str], episodes: int,
         query: int, seed: int) -> list[dict]:
-    from lowshot.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from lowshot.config import config_from_checkpoint
-    from lowshot.features import split_features
-    from lowshot.fewshot import evaluate
-    from lowshot.fewshot.api import method_kwargs_for_head
-    path = resolve_checkpoint_path(checkpoint)
-    head = config_from_checkpoint(load_checkpoint(path)["config"]).head.name
-    feats, labels, names, groups = split_features(path, split, within="alphabet", show_progress=False)
+    from lowshot.fewshot.protocol import evaluate_run
+    from lowshot.inference import FrozenRun
+    frozen = FrozenRun.open(checkpoint, show_progress=False)
+    path = frozen.path
     out = []
     for method in methods:
         for proto in protocols:
             way, shot = (int(v) for v in proto.split("x"))
-            r = evaluate(feats, labels, way=way, shot=shot, query=query, episodes=episodes, method=method,
-                         seed=seed, class_names=names, groups=groups, **method_kwargs_for_head(head, method))
+            r, = evaluate_run(frozen, split, way=way, shots=[shot], query=query, episodes=episodes, method=method,
+                              seed=seed, within="alphabet")
             r.pop("accuracies")
             r.update(checkpoint=str(path), split=split)
             print(f"{method:9s} {way:2d}-way {shot}-shot within-alphabet {split}: "

@@ -78,7 +78,7 @@ def compactness(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 def run_one(out: Path, dataset: str, head: str, seed: int, log: Any = print) -> dict[str, Any]:
     """Train one (dataset, head, seed) run, test its last epoch once; cached in result.json."""
     from lowshot.config import load_config
-    from lowshot.features import extract_features
+    from lowshot.inference import extract_features
     from lowshot.models import model_from_checkpoint
     from lowshot.checkpoint import load_checkpoint, write_text_atomic
     from lowshot.train import load_split, make_transforms, train

@@ -142,8 +142,9 @@ def test_analyze_checkpoint_real_features(tiny_run, tmp_path):
 def test_analyze_phi_matches_direct_computation(tiny_run):
     """The command's number is class_statistics on the checkpoint's own test-time features."""
     from lowshot.analysis import split_features
-    from lowshot.embed import load_for_inference
-    model, cfg, tf, ck = load_for_inference(tiny_run / "best.pt", "cpu")
+    from lowshot.inference import FrozenRun
+    run = FrozenRun.open(tiny_run / "best.pt", device="cpu")
+    model, cfg, tf, ck = run.model, run.config, run.transform, run.checkpoint
     feats = split_features(model, cfg, tf, ck["data"], "novel")
     want = class_statistics(feats["features"], feats["labels"], normalize=True).phi
     got = analyze_checkpoint(tiny_run / "best.pt", ["novel"], device="cpu", log=lambda _m: None)

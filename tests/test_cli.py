@@ -79,9 +79,10 @@ def test_embed_images_and_split(tiny_run, tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in z["paths"]] == ["rgb.jpg", "0.png", "1.png", "2.png"] or \
         sorted(z["paths"].tolist()) == sorted(str(p) for p in (imgs.parent / "rgb.jpg", *imgs.glob("*.png")))
     # the same image gives the same feature as the model applied by hand with the stored preprocessing
-    from lowshot.embed import load_for_inference
+    from lowshot.inference import FrozenRun
     from lowshot.data import load_image
-    model, _, tf, _ = load_for_inference(tiny_run / "best.pt")
+    run = FrozenRun.open(tiny_run / "best.pt", device="cpu")
+    model, tf = run.model, run.transform
     idx = [i for i, p in enumerate(z["paths"]) if p.endswith("1.png")][0]
     with torch.no_grad():
         ref = model.backbone(tf(load_image(imgs / "1.png", 28, 1)[None]))[0]

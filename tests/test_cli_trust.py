@@ -295,7 +295,7 @@ def test_training_log_outside_a_tty_has_no_carriage_returns(tiny_run):
 
 
 def test_fewshot_validation_shows_feature_progress(monkeypatch):
-    import lowshot.features as features
+    import lowshot.inference as features
     from lowshot.config import Config
     from lowshot.data.base import TensorImageDataset
     from lowshot.models import build_model

@@ -108,7 +108,7 @@ WORKER = textwrap.dedent('''
     from lowshot.data import build_dataset
     from lowshot.data.transforms import build_transform
     from lowshot.errors import ConfigError
-    from lowshot.features import extract_features
+    from lowshot.inference import extract_features
     from lowshot.models import build_model
     from lowshot.train import train
 

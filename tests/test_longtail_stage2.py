@@ -11,7 +11,7 @@ from conftest import ROOT, needs_fmnist
 from lowshot.checkpoint import load_checkpoint, save_checkpoint
 from lowshot.config import load_config
 from lowshot.data import build_dataset
-from lowshot.embed import load_for_inference
+from lowshot.inference import FrozenRun
 from lowshot.errors import ConfigError
 from lowshot.heads import create_head
 from lowshot.data.loader import BatchLoader
@@ -56,7 +56,8 @@ def _test_set():
 @torch.no_grad()
 def _accuracy_of(path) -> tuple[float, torch.Tensor]:
     """End-to-end accuracy of a saved checkpoint on the test images (no cached features)."""
-    model, _, transform, _ = load_for_inference(path, "cpu")
+    run = FrozenRun.open(path, device="cpu")
+    model, transform = run.model, run.transform
     ds = _test_set()
     preds = torch.cat([model(transform(x)).argmax(1) for x, _ in BatchLoader(ds, 500)])
     return 100.0 * float((preds == ds.labels).double().mean()), preds

@@ -33,8 +33,10 @@ def omni_run(tmp_path_factory):
 
 
 def _val_arrays(run):
-    from lowshot.features import split_features
-    return split_features(run / "last.pt", "val", within="alphabet", show_progress=False)
+    from lowshot.inference import FrozenRun
+    frozen = FrozenRun.open(run / "last.pt", show_progress=False)
+    feats, labels = frozen.features("val")
+    return feats, labels, frozen.dataset("val").class_names, frozen.groups("val", "alphabet")
 
 
 def test_val_within_is_used_for_few_shot_validation(omni_run):

@@ -240,7 +240,7 @@ def extract_features_distributed(backbone: nn.Module, dataset: Any, transform: C
 
     The backbone runs in eval mode, so a sample's feature does not depend on which rank computed it.
     """
-    from .features import extract_features
+    from .inference import extract_features
     if not is_distributed():
         return extract_features(backbone, dataset, transform, batch_size, device, **kw)
     part = dataset.subset(list(shard_indices(len(dataset))))

@@ -35,7 +35,7 @@ def split_features(model: torch.nn.Module, cfg: Config, transform: Callable[[tor
                    batch_size: int = 256, show_progress: bool = True) -> dict[str, Any]:
     """Features, labels and class names of the base or novel split of the checkpoint's dataset."""
     from ..data import build_dataset
-    from ..features import extract_features
+    from ..inference import extract_features
     split = resolve_split(cfg, kind)
     d = cfg.data
     ds = build_dataset(d.name, split, root=d.root, image_size=data_meta["image_size"], **d.options)
@@ -66,7 +66,7 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
 
     ``splits``: "base" and/or "novel"; None = base, plus novel when the config names a novel split.
     """
-    from ..embed import load_for_inference
+    from ..inference import FrozenRun
     from ..utils import resolve_device
     if projection is not None and projection not in ("pca", "tsne"):
         raise ConfigError(f"unknown projection {projection!r} (known: pca, tsne)")
@@ -79,7 +79,8 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
             from ..utils import require
             require("sklearn.manifold", "--projection tsne")
     dev = resolve_device(device)
-    model, cfg, transform, ckpt = load_for_inference(checkpoint, dev)
+    run = FrozenRun.open(checkpoint, device=dev)
+    model, cfg, transform, ckpt = run.model, run.config, run.transform, run.checkpoint
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "epoch": ckpt.get("epoch"), "dataset": cfg.data.name,
         "backbone": cfg.model.backbone, "head": cfg.head.name, "margin": cfg.head.margin,

@@ -255,13 +255,14 @@ def check_protocol_groups(cfg: Config, protocol: Mapping[str, Any]) -> None:
 def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any],
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Base accuracy (from metrics), novel few-shot accuracy and phi of a trained point."""
-    from ..embed import load_for_inference
+    from ..inference import FrozenRun
     from ..train import _fewshot_method_kwargs
     from ..utils import read_jsonl, resolve_device
     from .analyze import split_features, split_report
     ckpt_path = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     device = resolve_device(cfg.train.device)
-    model, _, transform, ckpt = load_for_inference(ckpt_path, device)
+    run = FrozenRun.open(ckpt_path, device=device)
+    model, transform, ckpt = run.model, run.transform, run.checkpoint
     records = read_jsonl(run_dir / "metrics.jsonl")
     at_ckpt = next((r for r in records if r.get("epoch") == ckpt.get("epoch")), {})
     final = records[-1] if records else {}

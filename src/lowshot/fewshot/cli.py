@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import write_text_atomic
 from ..errors import ConfigError
-from .api import default_eval_name, given as _given
+from ..inference import FrozenRun
+from .api import default_eval_name, format_table, given as _given
+from .protocol import evaluate_run
 
 
 def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | None = None,
@@ -20,18 +23,8 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     ``within``: a class-metadata key of the dataset (e.g. ``alphabet`` for Omniglot): every episode
     draws its classes from one value of it (default ``eval.within``; ``""``/``"none"``: across groups).
     """
-    from ..checkpoint import load_checkpoint
-    from ..config import config_from_checkpoint
-    from ..features import split_features
-    from ..utils import resolve_device
-    from . import evaluate, format_table, method_kwargs_for_head
-    from ..checkpoint import resolve_checkpoint_path
-    ckpt_path = resolve_checkpoint_path(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    if not isinstance(ckpt.get("config"), dict):
-        from ..errors import CheckpointError
-        raise CheckpointError(f"{ckpt_path} has no 'config' entry (not a lowshot checkpoint?)")
-    cfg = config_from_checkpoint(ckpt["config"])
+    run = FrozenRun.open(checkpoint, device=device, dataset_name=dataset, root=root)
+    cfg, ckpt_path = run.config, run.path
     e = cfg.eval
     split = split or cfg.data.novel_split
     if not split:
@@ -44,24 +37,18 @@ def run_eval(checkpoint: str | Path, *, split: str | None = None, way: int | Non
     if way < 2:
         raise ConfigError(f"way must be >= 2 (a 1-way episode is always 100 % correct), got {way}")
     within = within_key(e.within if within is None else within)
-    feats, labels, names, groups = split_features(ckpt_path, split, within=within, dataset=dataset, root=root,
-                                                  device=device)
+    groups = run.groups(split, within)
+    feats, labels = run.features(split)
     log(f"features: {split} split, {feats.shape[0]} images, {len(set(labels.tolist()))} classes, {feats.shape[1]}-d"
         + (f"; episodes within one {within} ({len(set(groups))} groups)" if groups is not None else ""))
-    results = []
-    for shot in shots:
-        res = evaluate(feats, labels, way=way, shot=shot, query=query, episodes=episodes, method=method, seed=seed,
-                       class_names=names, groups=groups, device=resolve_device(device),
-                       **method_kwargs_for_head(cfg.head.name, method, opts))
-        res = {k: v for k, v in res.items() if k != "accuracies"} | {"accuracies": list(map(float, res["accuracies"]))}
-        results.append(res)
+    results = evaluate_run(run, split, way=way, shots=shots, query=query, episodes=episodes, method=method,
+                           seed=seed, options=opts, within=within)
     log(format_table(results))
     record = {"checkpoint": str(ckpt_path), "split": split, "dataset": dataset or cfg.data.name, "within": within,
               "results": results}
     out_path = Path(out) if out else ckpt_path.parent / default_eval_name(
         ckpt_path.stem, split, method, way=way, shots=shots, query=query, episodes=episodes, seed=seed,
         dataset=dataset, options=options, within=within)
-    from ..checkpoint import write_text_atomic
     write_text_atomic(out_path, json.dumps(record, indent=1))
     log(f"wrote {out_path}")
     return record

@@ -775,14 +775,10 @@ def run_generalized_eval(checkpoint: str | Path, *, way: int | None = None, shot
     section. ``options``: ``criterion``, ``chunk_size``, ``ncm_metric`` and ``FinetuneConfig``
     fields (``steps``, ``lr``, ...). Writes the JSON atomically (default: next to the checkpoint).
     """
-    from ..checkpoint import load_checkpoint, resolve_checkpoint_path, write_text_atomic
-    from ..config import config_from_checkpoint
-    from ..features import cached_split_features
-    from ..models import model_from_checkpoint
-    from ..utils import resolve_device
-    ckpt_path = resolve_checkpoint_path(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    model, cfg = model_from_checkpoint(ckpt)
+    from ..checkpoint import write_text_atomic
+    from ..inference import FrozenRun
+    run = FrozenRun.open(checkpoint, device=device)
+    ckpt_path, model, cfg = run.path, run.model, run.config
     e, d = cfg.eval, cfg.data
     for key, split in (("data.novel_split", d.novel_split), ("data.test_split", d.test_split)):
         if not split:
@@ -794,12 +790,12 @@ def run_generalized_eval(checkpoint: str | Path, *, way: int | None = None, shot
     opts = dict(options or {})
     kw = {k: opts.pop(k) for k in ("criterion", "chunk_size", "ncm_metric") if k in opts}
     method = method or "auto"
-    dev = resolve_device(device)
+    dev = run.device
 
     def feats(split: str) -> tuple[Tensor, Tensor, list[str]]:
-        x, y, names = cached_split_features(ckpt_path, split, device=device)
+        x, y = run.features(split)
         log(f"features: {split} split, {x.shape[0]} images, {len(set(y.tolist()))} classes")
-        return x, y, names
+        return x, y, list(run.dataset(split).class_names)
 
     base_x, base_y, base_names = feats(d.test_split)
     val_idx, test_idx = split_heldout(base_y, base_val_fraction, 0)

@@ -340,7 +340,7 @@ def retrain_crt_on_images(backbone: nn.Module, dataset: Any, transform: Callable
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         score = None
         if val_dataset is not None:
-            from ..features import extract_features
+            from ..inference import extract_features
             vy = torch.as_tensor(val_dataset.labels).long().to(dev)
 
             def score() -> float:

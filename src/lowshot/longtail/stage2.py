@@ -30,7 +30,7 @@ from ..config import Config
 from ..data import build_dataset
 from ..data.base import ImageDataset
 from ..errors import ConfigError, DataError, LowshotError
-from ..features import extract_features
+from ..inference import extract_features
 from ..models import Classifier, model_from_checkpoint
 from ..utils import resolve_device
 from .. import feature_cache as cache
