@@ -9,7 +9,8 @@ import lowshot.longtail  # noqa: F401  (registers the *_lt datasets)
 from lowshot.data import TensorImageDataset, build_dataset
 from lowshot.data.registry import DATASETS, register_dataset
 from lowshot.errors import ConfigError, DataError
-from lowshot.longtail import (apply_lws, class_counts, learn_lws, longtail_counts, ncm_classifier, ncm_scores,
+from lowshot.heads.ncm import ncm_fit, ncm_logits
+from lowshot.longtail import (apply_lws, class_counts, learn_lws, longtail_counts,
                               retrain_crt, select_tau, shot_accuracy, tau_normalize, thresholds_by_rank)
 
 FAKE = "_test_balanced_base"
@@ -105,8 +106,8 @@ def test_real_fashion_mnist_lt_and_decoupling(one_thread):
     crt = acc(xte @ wc.t() + bc)
     ws, bs = apply_lws(w, b, learn_lws(w, b, xtr, ytr, epochs=5, lr=0.05, batch_size=128))
     lws = acc(xte @ ws.t() + bs)
-    means, center = ncm_classifier(xtr, ytr)
-    ncm = acc(ncm_scores(xte, means, center))
+    means, center = ncm_fit(xtr, ytr)
+    ncm = acc(ncm_logits(xte, means, center))
     # Kang et al.'s finding, on real data: rebalancing only the classifier beats the joint one
     for name, r in (("tau", tau_norm), ("crt", crt), ("lws", lws)):
         assert r["all"] > joint["all"] + 1.0, (name, r["all"], joint["all"])

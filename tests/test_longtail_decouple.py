@@ -9,8 +9,9 @@ from torch import nn
 
 from lowshot.data import TensorImageDataset
 from lowshot.errors import ConfigError, DataError
-from lowshot.longtail import (apply_lws, learn_lws, ncm_classifier, ncm_predict, ncm_scores, retrain_crt,
-                              retrain_crt_on_images, select_tau, shot_accuracy, tau_normalize)
+from lowshot.heads.ncm import ncm_fit, ncm_logits
+from lowshot.longtail import (apply_lws, learn_lws, retrain_crt, retrain_crt_on_images, select_tau, shot_accuracy,
+                              tau_normalize)
 
 
 @pytest.fixture(autouse=True)
@@ -61,23 +62,23 @@ def test_select_tau_unique_and_tie():
 def test_ncm_hand_example():
     x = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
     y = torch.tensor([0, 0, 1, 1])
-    means, center = ncm_classifier(x, y, center=False)
+    means, center = ncm_fit(x, y, center=False)
     assert torch.equal(center, torch.zeros(2)) and torch.allclose(means, torch.eye(2))
-    means, center = ncm_classifier(x, y, center="class_mean")
+    means, center = ncm_fit(x, y, center="class_mean")
     assert torch.allclose(center, torch.tensor([1.5, 1.0]))  # mean of the class means (3,0), (0,2)
     a, b = torch.tensor([0.5, -1.0]), torch.tensor([2.5, -1.0])  # centred class-0 features
     assert torch.allclose(means[0], (a / a.norm() + b / b.norm()) / 2)
     q = torch.tensor([[3.0, 0.5], [0.5, 2.5]])
     qc = torch.nn.functional.normalize(q - center, dim=1)
-    assert torch.allclose(ncm_scores(q, means, center), -((qc[:, None] - means[None]) ** 2).sum(-1), atol=1e-6)
-    assert ncm_predict(q, means, center).tolist() == [0, 1]
+    assert torch.allclose(ncm_logits(q, means, center), -((qc[:, None] - means[None]) ** 2).sum(-1), atol=1e-6)
+    assert ncm_logits(q, means, center).argmax(1).tolist() == [0, 1]
     # the official cosine NCM scores q . mu_j with the class means as they are (KNNClassifier.py:77-81)
-    cos_means, _ = ncm_classifier(x, y, metric="cosine", center="class_mean")
+    cos_means, _ = ncm_fit(x, y, center="class_mean")
     torch.testing.assert_close(cos_means, means)
-    torch.testing.assert_close(ncm_scores(q, cos_means, center, metric="cosine"), qc @ means.t())
-    assert ncm_predict(q, cos_means, center, metric="cosine").tolist() == [0, 1]
+    torch.testing.assert_close(ncm_logits(q, cos_means, center, metric="cosine"), qc @ means.t())
+    assert ncm_logits(q, cos_means, center, metric="cosine").argmax(1).tolist() == [0, 1]
     with pytest.raises(DataError, match="class 1 has no training features"):
-        ncm_classifier(x[:2], y[:2], num_classes=2)
+        ncm_fit(x[:2], y[:2], num_classes=2)
 
 
 def test_ncm_default_centre_is_the_mean_of_all_training_features():
@@ -85,16 +86,16 @@ def test_ncm_default_centre_is_the_mean_of_all_training_features():
     get_knncentroids), not the mean of the class means."""
     x = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 0.0], [0.0, 3.0]])
     y = torch.tensor([0, 0, 0, 1])
-    means, center = ncm_classifier(x, y)
+    means, center = ncm_fit(x, y)
     torch.testing.assert_close(center, torch.tensor([3.0, 0.75]))
     d = torch.tensor([[-1.0, -0.75], [1.0, -0.75], [3.0, -0.75]])  # centred class-0 features
     q0 = (d / d.norm(dim=1, keepdim=True)).mean(0)  # [-.8,-.6], [.8,-.6], [.9701,-.2425]
     q1 = torch.tensor([-3.0, 2.25]) / 3.75
     torch.testing.assert_close(means, torch.stack([q0, q1]))
-    assert ncm_classifier(x, y, center=True)[1].tolist() == [3.0, 0.75]
-    assert ncm_classifier(x, y, center=False)[1].tolist() == [0.0, 0.0]
+    assert ncm_fit(x, y, center=True)[1].tolist() == [3.0, 0.75]
+    assert ncm_fit(x, y, center=False)[1].tolist() == [0.0, 0.0]
     with pytest.raises(ConfigError, match="center"):
-        ncm_classifier(x, y, center="median")
+        ncm_fit(x, y, center="median")
 
 
 def test_crt_separable_reaches_full_accuracy_and_is_deterministic():

@@ -1,4 +1,4 @@
-"""The ``ncm`` head: hand-computed logits, fit, gradcheck, agreement with longtail.ncm_scores."""
+"""The ``ncm`` head: hand-computed logits, fit, gradcheck, agreement with heads.ncm.ncm_logits."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from lowshot.errors import ConfigError, DataError
 from lowshot.heads import create_head, list_heads
-from lowshot.longtail import ncm_classifier, ncm_scores
+from lowshot.heads.ncm import ncm_fit, ncm_logits
 
 R2 = math.sqrt(2.0)
 
@@ -47,7 +47,7 @@ def test_fit_hand_values_center_is_mean_of_class_means() -> None:
     q0 = d / d.norm(dim=1, keepdim=True)  # [0,-1], [.8,-.6], [.9363,-.3511]
     q1 = torch.tensor([[-2.0, 1.5]]) / 2.5
     torch.testing.assert_close(head.weight, torch.cat([q0.mean(0, keepdim=True), q1]))
-    means, center = ncm_classifier(x, y, center="class_mean")
+    means, center = ncm_fit(x, y, center="class_mean")
     torch.testing.assert_close(head.weight, means)
     torch.testing.assert_close(head.center, center)
     plain = create_head("ncm", 2, 2).fit(x, y, center=False)
@@ -59,13 +59,13 @@ def test_fit_hand_values_center_is_mean_of_class_means() -> None:
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_matches_longtail_ncm_scores(metric: str) -> None:
+def test_head_matches_ncm_fit_and_ncm_logits(metric: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 6, generator=g) + 1.0, torch.arange(4).repeat(10)
     head = create_head("ncm", 4, 6, metric=metric).fit(x, y)
-    means, center = ncm_classifier(x, y, metric=metric)
+    means, center = ncm_fit(x, y)
     q = torch.randn(7, 6, generator=g)
-    torch.testing.assert_close(head.eval()(q), ncm_scores(q, means, center, metric))
+    torch.testing.assert_close(head.eval()(q), ncm_logits(q, means, center, metric))
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

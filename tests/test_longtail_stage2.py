@@ -15,7 +15,8 @@ from lowshot.inference import FrozenRun
 from lowshot.errors import ConfigError
 from lowshot.heads import create_head
 from lowshot.data.loader import BatchLoader
-from lowshot.longtail import ncm_classifier, stage2, tau_normalize
+from lowshot.heads.ncm import ncm_fit
+from lowshot.longtail import stage2, tau_normalize
 from lowshot.longtail.methods import linear_parts
 from lowshot.longtail.stage2 import (
     Stage2Context,
@@ -123,7 +124,7 @@ def test_ncm_head_holds_the_class_means_of_cached_train_features(run):
     out, _ = decouple(run, "ncm", metric="cosine", log=quiet)
     ck = load_checkpoint(out)
     f, y = Stage2Context.open(run, device="cpu", log=quiet).features("train")
-    means, center = ncm_classifier(f, y, metric="cosine")
+    means, center = ncm_fit(f, y)
     torch.testing.assert_close(ck["head"]["weight"], means)
     torch.testing.assert_close(ck["head"]["center"], center)
     assert ck["config"]["head"] == {"name": "ncm", "margin": 0.0, "scale": None, "kwargs": {"metric": "cosine"}}

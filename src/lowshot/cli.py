@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
+from .argtypes import int_at_least
 from .errors import LowshotError
 
 
@@ -95,20 +96,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse ``type``: an integer >= ``minimum`` (0 is a value, never "use the default")."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = f"int>={minimum}"
-    return parse
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error style: one line, exit 2 (usage stays behind ``-h``)."""
 
@@ -162,8 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("overrides", nargs="*", help="key=value overrides for the demo's training config")
     m.set_defaults(func=cmd_demo)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    # commands defined next to their feature: eval, decouple, analyze + sweep, report
+    from .analysis import cli as analysis_cli
+    from .fewshot import cli as fewshot_cli
+    from .longtail import cli as longtail_cli
+    from .report import cli as report_cli
+    for module in (fewshot_cli, longtail_cli, analysis_cli, report_cli):
+        module.register(sub)
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors")
     return p
@@ -216,8 +208,6 @@ def _split_kv(parser: argparse.ArgumentParser, words: list[str]) -> tuple[list[s
 def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse with the order rule of the module docstring (argparse's intermixed parsing per subcommand)."""
     if parser is None:
-        if not _EXTRA_COMMANDS:
-            _register_extra()
         parser = build_parser()
     words = list(argv)
     debug = False
@@ -239,15 +229,6 @@ def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = Non
     args.command = words[0]
     args.debug = debug or args.debug
     return args
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-
-
-def _register_extra() -> None:
-    """Subcommands defined next to their feature (eval, decouple, analyze, sweep, report)."""
-    from . import cli_extra
-    _EXTRA_COMMANDS.extend(cli_extra.registrars())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``lowshot analyze`` and ``lowshot sweep`` (registered through ``lowshot.cli_extra``)."""
+"""``lowshot analyze`` and ``lowshot sweep`` (registered by ``lowshot.cli.build_parser``)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from ..cli import int_at_least
+    from ..argtypes import int_at_least
     a = subparsers.add_parser("analyze", help="discriminability (phi) and 2-D projections of a checkpoint's features")
     a.add_argument("--checkpoint", required=True, help="a lowshot checkpoint (best.pt / last.pt)")
     a.add_argument("--split", choices=["base", "novel", "both"], default="both",

@@ -121,7 +121,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from ..cli import int_at_least
+    from ..argtypes import int_at_least
     p = sub.add_parser("eval", help="few-shot meta-test on frozen features (batched over episodes)")
     p.add_argument("--checkpoint", help="checkpoint file or run directory (uses best.pt)")
     p.add_argument("--features", metavar="FILE",

@@ -55,11 +55,45 @@ def ncm_center(features: torch.Tensor, class_means: torch.Tensor, center: str | 
     return torch.zeros(features.shape[1], dtype=features.dtype, device=features.device)
 
 
+def ncm_fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
+            center: str | bool = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(means [C, D], center [D])``: class means of centred, L2-normalised training features.
+
+    ``center="all"`` (default) is the official centre, the mean of ALL training features
+    (classifier-balancing run_networks.py ``get_knncentroids``: ``featmean = feats.mean(axis=0)``);
+    ``"class_mean"`` the mean of the per-class means; ``"none"`` (or False) does not centre. The
+    means are never re-normalised, also for ``cosine``, as in the official KNNClassifier.py:54-55.
+    Every class needs a training feature.
+    """
+    f = torch.as_tensor(features)
+    f = f if f.is_floating_point() else f.float()
+    y = torch.as_tensor(labels).reshape(-1).long().to(f.device)
+    if f.dim() != 2 or y.numel() != f.shape[0] or y.numel() == 0:
+        raise DataError(f"NCM: fit needs features (N, D) and N >= 1 labels, got {tuple(f.shape)} and {y.numel()}")
+    C = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if int(y.min()) < 0 or int(y.max()) >= C:
+        raise DataError(f"NCM: fit labels must lie in 0..{C - 1}, got {int(y.min())}..{int(y.max())}")
+    counts = torch.bincount(y, minlength=C)
+    empty = torch.nonzero(counts == 0).reshape(-1)
+    if empty.numel():
+        raise DataError(f"NCM: class {int(empty[0])} has no training features")
+
+    def class_means(x: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
+        return sums / counts.to(x)[:, None]
+
+    mu = ncm_center(f, class_means(f), center)
+    return class_means(F.normalize(f - mu, dim=1)), mu
+
+
 def ncm_logits(
     features: torch.Tensor, means: torch.Tensor, center: torch.Tensor, metric: str = "l2"
 ) -> torch.Tensor:
-    """Scores [N, C] (higher is closer) of centred, L2-normalised features against class means."""
-    q = F.normalize(features - center, dim=1)
+    """Scores [N, C] (higher is closer) of centred, L2-normalised features against class means:
+    ``-||q - mu_j||^2`` (``l2``) or the official ``q . mu_j`` (``cosine``, KNNClassifier.py:77-81)."""
+    if metric not in NCM_METRICS:
+        raise ConfigError(f"NCM metric must be one of {NCM_METRICS}, got {metric!r}")
+    q = F.normalize(features.to(means) - center.to(means), dim=1)
     if metric == "cosine":  # the official "cos": class means as stored, not re-normalised
         return q @ means.t()
     # -||q - mu||^2 expanded: one matmul instead of an [N, C, D] difference tensor
@@ -86,25 +120,9 @@ class NCMHead(Head):
     def fit(self, features: torch.Tensor, labels: torch.Tensor, center: str | bool = "all") -> NCMHead:
         """Set ``center`` and the class means from training features; every class needs one."""
         f = torch.as_tensor(features).to(self.weight)
-        y = torch.as_tensor(labels).reshape(-1).long().to(f.device)
-        if f.dim() != 2 or f.shape[1] != self.embedding_size or y.numel() != f.shape[0]:
-            raise DataError(
-                f"head 'ncm': fit needs features (N, {self.embedding_size}) and N labels, "
-                f"got {tuple(f.shape)} and {y.numel()}"
-            )
-        if y.numel() == 0 or int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise DataError(f"head 'ncm': fit labels must lie in 0..{self.num_classes - 1}")
-        counts = torch.bincount(y, minlength=self.num_classes)
-        empty = torch.nonzero(counts == 0).reshape(-1)
-        if empty.numel():
-            raise DataError(f"head 'ncm': class {int(empty[0])} has no training features")
-
-        def class_means(x: torch.Tensor) -> torch.Tensor:
-            sums = torch.zeros(self.num_classes, x.shape[1], dtype=x.dtype, device=x.device)
-            return sums.index_add_(0, y, x) / counts.to(x)[:, None]
-
-        mu = ncm_center(f, class_means(f), center)
-        means = class_means(F.normalize(f - mu, dim=1))
+        if f.dim() != 2 or f.shape[1] != self.embedding_size:
+            raise DataError(f"head 'ncm': fit needs features (N, {self.embedding_size}), got {tuple(f.shape)}")
+        means, mu = ncm_fit(f, labels, self.num_classes, center)
         self.center.copy_(mu)
         self.weight.copy_(means)
         return self

@@ -8,8 +8,7 @@ the many / medium / few-shot evaluation, and ``stage2`` runs a method on a train
 """
 from __future__ import annotations
 
-from .decouple import (apply_lws, learn_lws, ncm_classifier, ncm_predict, ncm_scores, retrain_crt,
-                       retrain_crt_on_images, select_tau, tau_normalize)
+from .decouple import apply_lws, learn_lws, retrain_crt, retrain_crt_on_images, select_tau, tau_normalize
 from ..data.longtail import balanced_split, class_counts, class_indices, longtail_counts, make_longtail
 from .methods import METHODS, register_method
 from .metrics import (format_per_class_table, per_class_table, shot_accuracy, shot_groups,
@@ -22,5 +21,4 @@ __all__ = ["make_longtail", "longtail_counts", "balanced_split", "class_counts",
            "SAMPLERS", "LongTailSampler", "build_sampler", "list_samplers",
            "shot_accuracy", "shot_groups", "thresholds_by_rank", "per_class_table", "format_per_class_table",
            "tau_normalize", "select_tau", "learn_lws", "apply_lws", "retrain_crt", "retrain_crt_on_images",
-           "ncm_classifier", "ncm_scores", "ncm_predict",
            "METHODS", "register_method", "decouple_checkpoint", "evaluate_checkpoint"]

@@ -11,8 +11,8 @@ representation and only rebalances the classifier:
 * cRT and LWS train like the official loop by default: a per-epoch cosine whose last epoch runs
   at lr 0 (``stage2_lr``) and the epoch with the best balanced-val top-1 kept (``_BestEpoch``);
   ``schedule="step"`` / no validation data give a per-step cosine and the final epoch;
-* NCM: nearest class mean on centred, L2-normalised features (centred on the mean of all
-  training features, as the official code; ``center="class_mean"`` is the alternative).
+* NCM is the ``ncm`` head (``lowshot.heads.ncm``: ``ncm_fit`` / ``ncm_logits``), fitted by the
+  stage-2 ``ncm`` method.
 
 Everything here takes tensors / modules explicitly and is deterministic in ``seed``. Features are
 float tensors [N, D]. Because the backbone is frozen, LWS and ``retrain_crt`` train on cached
@@ -374,56 +374,3 @@ def retrain_crt_on_images(backbone: nn.Module, dataset: Any, transform: Callable
         finally:
             backbone.train(was_training)
     return w.detach(), (b.detach() if b is not None else None)
-
-
-# --- NCM -------------------------------------------------------------------------------------------
-_METRICS = ("l2", "cosine")
-
-
-def ncm_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, metric: str = "l2",
-                   center: str | bool = "all", num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means of centred, L2-normalised training features: ``(means [C, D], center [D])``.
-
-    ``center="all"`` (default) is the official centre, the mean of ALL training features
-    (classifier-balancing run_networks.py ``get_knncentroids``: ``featmean = feats.mean(axis=0)``);
-    ``"class_mean"`` uses the mean of the per-class means instead (on a long-tailed set the plain mean
-    is dominated by head classes); ``"none"`` (or False) does not centre. The means are never
-    re-normalised, also for ``"cosine"``, as in the official KNNClassifier.py:54-55.
-    """
-    from ..heads.ncm import ncm_center
-    if metric not in _METRICS:
-        raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
-    f, y = _check_features(train_features, train_labels, "NCM training")
-    C = int(y.max()) + 1 if num_classes is None else int(num_classes)
-    counts = torch.bincount(y, minlength=C)
-    if counts.numel() > C:
-        raise DataError(f"label {int(y.max())} out of range for num_classes={C}")
-    empty = torch.nonzero(counts == 0).reshape(-1)
-    if empty.numel():
-        raise DataError(f"NCM: class {int(empty[0])} has no training features")
-
-    def class_means(x: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
-        return sums / counts.to(x)[:, None]
-
-    mu = ncm_center(f, class_means(f), center)
-    return class_means(F.normalize(f - mu, dim=1)), mu
-
-
-def ncm_scores(features: torch.Tensor, means: torch.Tensor, center: torch.Tensor,
-               metric: str = "l2") -> torch.Tensor:
-    """Scores [N, C] (higher is closer): -squared L2 distance, or for ``"cosine"`` the official
-    ``q . mu_j`` with q = normalize(x - center) and the means as given (KNNClassifier.py:77-81)."""
-    if metric not in _METRICS:
-        raise ConfigError(f"NCM metric must be one of {_METRICS}, got {metric!r}")
-    q = F.normalize(torch.as_tensor(features).float().to(means) - center.to(means), dim=1)
-    if metric == "cosine":
-        return q @ means.t()
-    sq = (q * q).sum(1, keepdim=True) - 2 * q @ means.t() + (means * means).sum(1)[None, :]
-    return -sq
-
-
-def ncm_predict(features: torch.Tensor, means: torch.Tensor, center: torch.Tensor,
-                metric: str = "l2") -> torch.Tensor:
-    """Predicted class ids [N] of the nearest class mean."""
-    return ncm_scores(features, means, center, metric).argmax(dim=1)

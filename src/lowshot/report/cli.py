@@ -1,4 +1,4 @@
-"""``lowshot report`` (registered through ``lowshot.cli_extra``)."""
+"""``lowshot report`` (registered by ``lowshot.cli.build_parser``)."""
 from __future__ import annotations
 
 import argparse
