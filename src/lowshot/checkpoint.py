@@ -7,80 +7,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError
-from .utils import default_mode
+from .fileio import atomic_write, write_text_atomic  # noqa: F401  (what every writer of run files imports)
 
 CHECKPOINT_VERSION = 1
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename.
-
-    A crash at any point leaves either the old file or the new one, never a truncated file (a
-    ``.NAME.*.tmp`` file may stay behind; a run directory's lock owner removes those). The file
-    gets the umask's usual mode, not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode())
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            _test_pause(path)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-PAUSE_ENV = "LOWSHOT_TEST_WRITE_PAUSE"
-_writes_seen: dict[str, int] = {}
-
-
-def _test_pause(path: Path) -> None:
-    """Test hook: ``LOWSHOT_TEST_WRITE_PAUSE=last.pt:30:4`` lets 4 writes of files named ``last.pt``
-    through, then sleeps 30 s inside each later one (data written, not yet fsynced nor renamed), so a
-    test can kill the process in the middle of a checkpoint write. Unset: no effect."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    name, seconds, skip = (spec.split(":") + ["0"])[:3]
-    if name == path.name:
-        _writes_seen[name] = _writes_seen.get(name, 0) + 1
-        if _writes_seen[name] > int(skip):
-            time.sleep(float(seconds))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:

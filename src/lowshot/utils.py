@@ -1,18 +1,16 @@
-"""Small shared helpers: seeding, devices, optional imports, JSONL logs, progress bars."""
+"""Small shared helpers: seeding, devices, optional imports, progress bars (files: ``fileio``)."""
 from __future__ import annotations
 
 import importlib
-import json
-import math
-import os
 import random
 import sys
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator
 
 import torch
+
+from .fileio import append_jsonl, read_jsonl, truncate_jsonl  # noqa: F401  (moved; importers updated last)
 
 # import name -> (pip package, pyproject extra)
 OPTIONAL = {"safetensors": ("safetensors", "safetensors"), "sklearn": ("scikit-learn", "test"),
@@ -75,77 +73,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _py_state_to_list() -> list[Any]:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is set-and-get)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions ``open()`` / ``mkdir()`` would give: 0o666 / 0o777 minus the umask.
-
-    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 whatever the umask; files renamed into
-    place from them get this mode instead, so colleagues can read shared runs when the umask says so.
-    """
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync: a crash can at worst tear the last line."""
-    line = json.dumps(_jsonable(record), sort_keys=False)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file, ignoring a torn (unparsable) last line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn last line from a crash
-            raise
-    return out
-
-
-def truncate_jsonl(path: str | Path, keep: Iterable[dict[str, Any]]) -> None:
-    """Rewrite a JSONL file atomically with only ``keep`` (used when resuming)."""
-    from .checkpoint import write_text_atomic
-    write_text_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in keep))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    return obj
 
 
 def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "", enabled: bool = True,

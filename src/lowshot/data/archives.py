@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
-from ..utils import default_mode
+from ..fileio import default_mode
 
 _CHUNK = 1 << 20
 
