@@ -106,7 +106,7 @@ def _cmd(args: argparse.Namespace) -> int:
         if args.within:
             raise ConfigError("--within is not supported with --generalized (base and novel classes are scored "
                               "together over all base classes)")
-        from .generalized import run_generalized_eval
+        from .protocol import run_generalized_eval
         run_generalized_eval(args.checkpoint, way=args.way, shots=args.shot, query=args.query,
                              base_query=args.base_query, episodes=args.episodes, val_episodes=args.val_episodes,
                              calibrations=args.calibration or ["none"], method=args.method, seed=args.seed,
