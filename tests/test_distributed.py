@@ -125,7 +125,7 @@ WORKER = textwrap.dedent('''
     # with augmentation: full run vs interrupted at step 7 (mid epoch 2) + resumed
     cfg = load_config(cfg_path, base + ["train.sync_bn=true", "train.epochs=2", "train.checkpoint_every=4"])
     res["full"] = train(cfg, out + "/full", overwrite=True, log=quiet)
-    res["part"] = train(cfg, out + "/part", overwrite=True, log=quiet, stop_after_steps=7)
+    res["part"] = train(cfg, out + "/part", overwrite=True, log=quiet, overrides=["train.max_steps=7"])
     res["resumed"] = train(cfg, out + "/part", resume=True, log=quiet)
 
     # a global batch the processes cannot share stops every rank with the same error

@@ -145,7 +145,7 @@ def test_margin_sweep_is_resumable_and_tabulated(tmp_path, counted_train, monkey
 
     # an interrupted point resumes from last.pt; finished points are untouched
     cfg0 = load_config(CFG, FIXED + ["head.margin=0", "name=head.margin=0"])
-    part = train_mod.train(cfg0, out / "head.margin=0", log=quiet, stop_after_steps=1)
+    part = train_mod.train(cfg0, out / "head.margin=0", log=quiet, overrides=["train.max_steps=1"])
     assert part["stopped_at_step"] == 1 and not (out / "head.margin=0" / "result.json").exists()
     counted_train.clear()
     res3 = run_sweep(CFG, {"head.margin": [-0.1, 0, 0.1]}, out, **kw)
@@ -316,7 +316,7 @@ def test_seeded_sweep_runs_each_point_seed_resumably(tmp_path, counted_train):
     # seed 1 interrupted after one step, then the same sweep with seeds 0 1 2: seed 0 is reused,
     # seed 1 resumes from its last.pt, seed 2 trains from scratch
     cfg1 = load_config(CFG, FIXED + ["head.margin=0.0", "train.seed=1", "name=head.margin=0.0,train.seed=1"])
-    train_mod.train(cfg1, out / "head.margin=0.0,train.seed=1", log=quiet, stop_after_steps=1)
+    train_mod.train(cfg1, out / "head.margin=0.0,train.seed=1", log=quiet, overrides=["train.max_steps=1"])
     counted_train.clear()
     res = run_sweep(CFG, {"head.margin": [0.0]}, out, seeds=[0, 1, 2], **kw)
     assert counted_train == [(str(out / "head.margin=0.0,train.seed=1"), True),

@@ -98,7 +98,7 @@ def test_resume_appends_without_duplicate_steps(full_run, tmp_path):
     cfg, full = full_run
     part = tmp_path / "part"
     # stop after step 13; the last checkpoint is at step 12 (checkpoint_every=4), so step 13 is logged twice
-    assert train(cfg, part, log=quiet, stop_after_steps=13)["stopped_at_step"] == 13
+    assert train(cfg, part, log=quiet, overrides=["train.max_steps=13"])["stopped_at_step"] == 13
     train(Config(), part, resume=True, log=quiet)
     files = sorted((part / "tensorboard").glob("events.out.tfevents.*"))
     assert len(files) == 2  # the resumed process appends its own file to the same folder
@@ -116,13 +116,14 @@ def test_resume_appends_without_duplicate_steps(full_run, tmp_path):
 KILLED = """
 import os, signal, sys
 import lowshot.train as t
+import lowshot.training.state as s
 from lowshot.config import load_config
-save = t.save_checkpoint
+save = s.save_checkpoint
 def save_then_die(obj, path):
     save(obj, path)
     if path.name == "last.pt" and obj["step"] == 12:
         os.kill(os.getpid(), signal.SIGKILL)
-t.save_checkpoint = save_then_die
+s.save_checkpoint = save_then_die
 t.train(load_config(sys.argv[2], sys.argv[3:]), sys.argv[1], log=lambda _m: None)
 """
 

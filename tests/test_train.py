@@ -57,7 +57,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_fmnist_overrides):
     cfg = _cfg(tiny_fmnist_overrides + ["train.checkpoint_every=4"])
     full = train(cfg, tmp_path / "full", log=quiet)
     # stop mid-epoch 2 (9 steps/epoch with 300 images / 32), right after the checkpoint at step 12
-    part = train(cfg, tmp_path / "part", log=quiet, stop_after_steps=13)
+    part = train(cfg, tmp_path / "part", log=quiet, overrides=["train.max_steps=13"])
     assert part["stopped_at_step"] == 13
     ck = load_checkpoint(tmp_path / "part" / "last.pt")
     assert (ck["epoch"], ck["step"], ck["epoch_step"]) == (1, 12, 3)
@@ -164,7 +164,7 @@ def test_dropblock_ramp_counts_global_steps_across_resume(tmp_path, tiny_fmnist_
     kw = ["model.backbone=resnet12", "val.every=0", "train.checkpoint_every=4",
           "model.backbone_kwargs={widths: [4, 4, 8, 8], drop_rate: 0.2, dropblock_ramp_steps: 30}"]
     cfg = _cfg(tiny_fmnist_overrides + kw)
-    train(cfg, tmp_path / "part", log=quiet, stop_after_steps=13)
+    train(cfg, tmp_path / "part", log=quiet, overrides=["train.max_steps=13"])
     ck = load_checkpoint(tmp_path / "part" / "last.pt")
     assert ck["step"] == 12 and int(ck["model"]["num_steps"]) == 12
     rates.clear()

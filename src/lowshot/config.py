@@ -117,6 +117,7 @@ class TrainConfig:
     grad_clip: float | None = None
     checkpoint_every: int = 0  # also save last.pt every N steps (0: only at epoch ends)
     max_steps_per_epoch: int | None = None  # cap for quick runs
+    max_steps: int | None = None  # stop this launch after N global steps, as if interrupted (a resume drops it)
     eval_batch_size: int = 256
     progress: bool = True
     sync_bn: bool = False  # multi-process: BatchNorm statistics over the global batch (docs/distributed.md)
@@ -436,6 +437,8 @@ def validate(cfg: Config) -> Config:
 
     need(cfg.train.epochs >= 0, "train.epochs", "must be >= 0")
     need(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
+    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps",
+         "must be a positive number of global steps, or null (no cap)")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.name in ("sgd", "adam", "adamw"), "optim.name", "must be one of sgd, adam, adamw")
     need(cfg.schedule.name in ("cosine", "multistep", "constant"), "schedule.name",

@@ -29,7 +29,11 @@ LOCK_NAME = ".lock"
 BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard"})
 # keys that change neither the model nor the steps already taken: a finished run can be extended
 # (train.epochs) and progress / checkpoint cadence changed on resume; everything else is refused
-RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.nan_check_every")
+RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.nan_check_every",
+                    "train.max_steps")
+# keys of one launch (train.max_steps: stop after N steps as if interrupted): a resume resets them to
+# their defaults unless given again, so a capped run continues to its end
+LAUNCH_KEYS = ("train.max_steps",)
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -215,7 +219,7 @@ def open_resume(run_dir: str | Path,
             raise ConfigError(f"cannot resume {path}: config.yaml and last.pt describe different runs "
                               f"({_describe(hard, 'config.yaml', 'last.pt')}); a resume continues last.pt with its own "
                               f"config: restore config.yaml, or start a new run")
-        soft = [d for d in diffs if d[0] not in overridden]
+        soft = [d for d in diffs if d[0] not in overridden and d[0] not in LAUNCH_KEYS]
         if soft:
             k, va, vb = soft[0]
             raise ConfigError(f"cannot resume {path}: config.yaml has {k}={va!r} but last.pt {vb!r}; pass {k}=... "
@@ -231,6 +235,9 @@ def open_resume(run_dir: str | Path,
 
     changed = []
     data = to_dict(stored)
+    defaults = flat(to_dict(Config()))
+    for key in LAUNCH_KEYS:
+        set_dotted(data, key, defaults[key])
     for key, value in wanted:
         set_dotted(data, key, value)
     cfg = config_from_checkpoint(data)

@@ -36,6 +36,7 @@ from ..rundir import BEFORE_FIRST_CHECKPOINT
 
 # keys that do not change what is trained (machine / logging details)
 IGNORED_KEYS = ("name", "out_dir", "train.progress", "train.device", "train.eval_batch_size", "train.tensorboard",
+                "train.max_steps",
                 "data.root", "data.download", "data.num_workers", "eval.")
 
 
