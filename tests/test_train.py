@@ -174,3 +174,98 @@ def test_dropblock_ramp_counts_global_steps_across_resume(tmp_path, tiny_fmnist_
     assert drop == pytest.approx([0.2] * len(drop)) and len(drop) == 2 * 6
     assert block[::2] == pytest.approx([0.2 * s / 30 for s in range(12, 18)])
     assert int(load_checkpoint(tmp_path / "part" / "last.pt")["model"]["num_steps"]) == 18
+
+
+@needs_fmnist
+def test_max_steps_caps_one_launch_and_a_plain_resume_finishes_exactly(tmp_path, tiny_fmnist_overrides):
+    """train.max_steps stops a launch as if interrupted (nothing saved after the last checkpoint); given
+    again on resume it caps that launch too (a cap already reached trains nothing); a plain resume drops
+    it and ends where an uninterrupted run ends."""
+    import yaml
+    cfg = _cfg(tiny_fmnist_overrides + ["val.every=0", "train.checkpoint_every=5"])
+    full = train(cfg, tmp_path / "full", log=quiet)
+    run = tmp_path / "part"
+    assert train(cfg, run, log=quiet, overrides=["train.max_steps=7"]) == {"stopped_at_step": 7, "run_dir": str(run)}
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["step"] == 5 and ck["config"]["train"]["max_steps"] == 7
+    again = train(Config(), run, resume=True, log=quiet, overrides=["train.max_steps=12"])
+    assert again["stopped_at_step"] == 12 and load_checkpoint(run / "last.pt")["step"] == 10
+    assert train(Config(), run, resume=True, log=quiet, overrides=["train.max_steps=3"])["stopped_at_step"] == 10
+    assert load_checkpoint(run / "last.pt")["step"] == 10
+    done = train(Config(), run, resume=True, log=quiet)
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("epoch_seconds", "run_dir")}  # noqa: E731
+    assert drop(done) == drop(full) and "stopped_at_step" not in done
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
+    for part in ("model", "head"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert b["config"]["train"]["max_steps"] is None
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] is None
+    for bad in ("0", "-3", "1.5", "many"):
+        with pytest.raises(ConfigError, match="train.max_steps"):
+            _cfg([f"train.max_steps={bad}"])
+
+
+CHECKPOINT_KEYS = ["kind", "model", "head", "optimizer", "scaler", "rng", "epoch", "step", "epoch_step",
+                   "epoch_stats", "best", "config", "class_names", "data", "version"]
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _tiny_state(seed, run_dir):
+    import torch.nn.functional as F
+    from lowshot.config import to_dict
+    from lowshot.models import build_model
+    from lowshot.train import build_optimizer
+    from lowshot.training.state import EpochMeter, FiniteGuard, TrainState
+    cfg = Config()
+    torch.manual_seed(seed)
+    model = build_model(cfg, 5, 1, 28)
+    state = TrainState(model, build_optimizer(cfg, model), torch.amp.GradScaler("cuda", enabled=False),
+                       EpochMeter(torch.device("cpu")), FiniteGuard(run_dir),
+                       {"config": to_dict(cfg), "class_names": list("abcde"), "data": {"channels": 1}})
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 5
+    logits = model(x, y)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    state.optimizer.step()  # the optimiser has state (momentum buffers) to store
+    state.meter.add(loss, logits, y, 5)
+    return state
+
+
+def test_train_state_round_trip_keeps_the_checkpoint_layout(tmp_path):
+    """state_dict -> save (weights_only loadable) -> restore into another state gives back the same dict."""
+    a = _tiny_state(0, tmp_path)
+    a.epoch, a.step, a.epoch_step, a.best = 1, 12, 3, 55.0
+    a.save([tmp_path / "last.pt"])
+    ck = load_checkpoint(tmp_path / "last.pt")  # weights_only=True
+    assert list(ck) == CHECKPOINT_KEYS and ck["kind"] == "train" and ck["epoch_stats"]["seen"] == 8
+    assert a.guard.saved == (2, 12)
+    b = _tiny_state(1, tmp_path)  # other weights, other optimiser state
+    b.restore(ck, tmp_path / "last.pt")
+    assert (b.epoch, b.step, b.epoch_step, b.best, b.guard.saved) == (1, 12, 3, 55.0, (2, 12))
+    got = b.state_dict()
+    assert all(_same(ck[k], got[k]) for k in CHECKPOINT_KEYS if k not in ("rng", "version"))
+
+
+def test_train_state_never_saves_a_non_finite_state(tmp_path):
+    from lowshot.errors import CheckpointError
+    a = _tiny_state(0, tmp_path)
+    a.save([tmp_path / "last.pt"])
+    before = (tmp_path / "last.pt").read_bytes()
+    with torch.no_grad():
+        next(a.model.head.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"^head\..* is not finite"):
+        a.save([tmp_path / "last.pt"])
+    assert (tmp_path / "last.pt").read_bytes() == before
+    ck = load_checkpoint(tmp_path / "last.pt")
+    ck["head"] = {}
+    with pytest.raises(CheckpointError, match="do not fit the head"):
+        _tiny_state(0, tmp_path).restore(ck, tmp_path / "last.pt")

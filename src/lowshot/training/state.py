@@ -96,10 +96,12 @@ class EpochMeter:
         self.seconds = 0.0
 
     def load(self, stored: dict[str, Any], carry_sums: bool) -> None:
+        """Set the sums of a resumed partial epoch (``epoch_stats`` of a checkpoint); zero without ``carry_sums``."""
+        self.reset()
         self.seconds = float(stored["seconds"])
         if carry_sums:
-            self.loss_sum += stored["loss_sum"]
-            self.correct += int(stored["correct"])
+            self.loss_sum.fill_(stored["loss_sum"])
+            self.correct.fill_(int(stored["correct"]))
             self.seen = int(stored["seen"])
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
