@@ -10,6 +10,7 @@ from lowshot.analysis.discriminability import project_2d
 from lowshot.cli import main
 from lowshot.config import load_config
 from lowshot.errors import ConfigError, DataError
+from lowshot.pipelines import analyze_with_figures
 
 from conftest import ROOT, needs_fmnist
 
@@ -122,8 +123,8 @@ def tiny_run(tmp_path_factory):
 @needs_fmnist
 def test_analyze_checkpoint_real_features(tiny_run, tmp_path):
     lines = []
-    res = analyze_checkpoint(tiny_run / "best.pt", ["base", "novel"], out_dir=tmp_path / "a", projection="pca",
-                             classes=3, per_class=20, device="cpu", log=lines.append)
+    res = analyze_with_figures(tiny_run / "best.pt", ["base", "novel"], out_dir=tmp_path / "a", projection="pca",
+                               classes=3, per_class=20, device="cpu", log=lines.append)
     assert set(res["splits"]) == {"base", "novel"}
     for kind, split, names in (("base", "base_test", "T-shirt/top"), ("novel", "novel", "Sandal")):
         r = res["splits"][kind]

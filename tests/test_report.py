@@ -1,4 +1,4 @@
-"""`lowshot report`: discovery, tolerant readers, escaping, self-contained HTML rendered in Chromium."""
+"""`lowshot report`: discovery, strict readers (bad files become notes), escaping, self-contained HTML in Chromium."""
 import base64
 import json
 import re
@@ -13,7 +13,7 @@ from lowshot.cli import main
 from lowshot.config import load_config, to_dict
 from lowshot.errors import DataError
 from lowshot.report import build_report
-from lowshot.report.collect import accuracy_records, longtail_summary, tau_curve, tau_curves
+from lowshot.results import DecoupleResult, EvalResult
 
 from conftest import ROOT, needs_fmnist
 
@@ -52,15 +52,20 @@ def make_tree(root: Path) -> Path:
             {"way": 5, "shot": 1, "method": "finetune", "episodes": 600, "mean": 55.0, "ci95": 0.8,
              "accuracies": [50.0, 60.0]},
             {"way": 5, "shot": 5, "method": "finetune", "episodes": 600, "mean": 77.25, "ci95": 0.61}]}))
-    (run / "eval_other.json").write_text(json.dumps({"5-shot": {"mean": 70.0, "ci95": 1.0}}))
+    (run / "eval_other.json").write_text(json.dumps({  # the layout of `lowshot eval --features`
+        "features": "feats.npz", "head": "cosine", "within": None, "options": {}, "results": [
+            {"way": 5, "shot": 5, "method": "ncm", "episodes": 100, "mean": 70.0, "ci95": 1.0}]}))
     (run / "eval_bad.json").write_text("{not json")
+    (run / "eval_guessed.json").write_text(json.dumps({"5-shot": {"mean": 71.37, "ci95": 1.0}}))  # no writer's
+    per_class = [{"class": i, "name": f"c{i}", "train_count": n, "accuracy": a} for i, (n, a) in
+                 enumerate(zip([500, 300, 120, 60, 30, 10, 5], [80, 75, 60, 50, 40, 20, None]))]
     (run / "decouple_tau_norm.json").write_text(json.dumps({
-        "method": "tau_norm", "tau": 0.7, "overall": 60.0, "class_mean": 58.0, "many": 71.5, "medium": 55.0,
-        "few": 30.0, "per_class": [80, 75, 60, 50, 40, 20, float("nan")],
-        "train_counts": [500, 300, 120, 60, 30, 10, 5],
-        "tau_curve": [[0.0, 50.0], [0.5, 58.0], [1.0, 57.0]]}))
-    (run / "decouple_crt.json").write_text(json.dumps({"test": {"all": 61.0, "many": 66.0, "medium": 60.0,
-                                                                "few": 44.0, "class_mean": 59.0}}))
+        "method": "tau_norm", "info": {"tau": 0.7, "tau_curve": [[0.0, 50.0], [0.5, 58.0], [1.0, 57.0]]},
+        "metrics": {"all": 60.0, "class_mean": 58.0, "many": 71.5, "medium": 55.0, "few": 30.0,
+                    "per_class": per_class}}))
+    (run / "decouple_crt.json").write_text(json.dumps({"method": "crt", "metrics": {
+        "all": 61.0, "many": 66.0, "medium": 60.0, "few": 44.0, "class_mean": 59.0}}))
+    (run / "decouple_guessed.json").write_text(json.dumps({"test": {"all": 62.34}}))  # no method / metrics
     rows = [{"class": 0, "name": "a", "train_count": 900, "accuracy": 90.0},
             {"class": 1, "name": "b", "train_count": 9, "accuracy": None}]
     (run / "decouple_lws.json").write_text(json.dumps({  # the layout `lowshot decouple` writes
@@ -97,31 +102,40 @@ def make_tree(root: Path) -> Path:
 
 # ----------------------------------------------------------------------------- readers
 
-def test_accuracy_records_from_several_shapes():
-    recs = accuracy_records({"split": "novel", "results": [{"shot": 1, "way": 5, "mean": 50.0, "ci95": 1.0,
-                                                            "accuracies": [{"mean": 99}]}]})
-    assert recs == [{"split": "novel", "shot": 1, "way": 5, "mean": 50.0, "ci95": 1.0}]
-    assert [(r["shot"], r["mean"]) for r in accuracy_records({"1": {"mean": 40}, "5-shot": {"mean": 60}})] == \
-        [(1, 40.0), (5, 60.0)]
-    assert accuracy_records({"mean": "n/a"}) == []
+def test_eval_reader_takes_what_lowshot_eval_writes_and_names_the_bad_key():
+    ev = EvalResult.from_dict({"checkpoint": "best.pt", "split": "novel", "within": None, "results": [
+        {"shot": 1, "way": 5, "method": "ncm", "episodes": 10, "mean": 50.0, "ci95": 1.0,
+         "accuracies": [49.0, 51.0]}]}, "eval_x.json")
+    (r,) = ev.results
+    assert (r.way, r.shot, r.method, r.mean, r.ci95, r.accuracies) == (5, 1, "ncm", 50.0, 1.0, [49.0, 51.0])
+    with pytest.raises(DataError, match=r"eval_y.json: not a lowshot eval result"):
+        EvalResult.from_dict({"1": {"mean": 40}, "5-shot": {"mean": 60}}, "eval_y.json")
+    with pytest.raises(DataError, match=r"eval_z.json results\[0\]: key 'mean' should be int/float"):
+        EvalResult.from_dict({"checkpoint": "b.pt", "results": [{"way": 5, "shot": 1, "method": "ncm",
+                                                                  "episodes": 1, "mean": "n/a", "ci95": 1}]},
+                             "eval_z.json")
 
 
-def test_longtail_and_tau_readers_are_tolerant():
-    s = longtail_summary({"method": "crt", "val": {"x": 1}, "test": {"all": 61.0, "few": 40}})
-    assert s == {"overall": 61.0, "few": 40.0, "method": "crt"}
-    assert longtail_summary({"nothing": [1, 2]}) is None
-    # thresholds {"many": 100, "few": 20} are not accuracies; per-class rows give accuracies and counts
-    real = {"thresholds": {"many": 100, "few": 20}, "info": {"tau": 0.5},
-            "metrics": {"all": 60.0, "few": None, "per_class": [{"accuracy": 70.0, "train_count": 300}]},
-            "joint": {"all": 55.0}}
-    assert longtail_summary(real) == {"overall": 60.0, "per_class": [70.0], "train_counts": [300], "tau": 0.5}
-    assert longtail_summary(real, "joint") == {"overall": 55.0}
-    assert longtail_summary({"all": 1.0}, "joint") is None
-    assert tau_curves({"info": {"tau_curve": [], "test_curve": [[0.5, 40.0]]}}) == [("test", [(0.5, 40.0)])]
-    assert tau_curve({"tau_curve": [[1.0, 50], [0.0, 40]]}) == [(0.0, 40.0), (1.0, 50.0)]
-    assert tau_curve({"x": {"curve": [{"tau": 0.5, "accuracy": 55}]}}) == [(0.5, 55.0)]
-    assert tau_curve({"curve": {"0.5": 50, "1": 52}}) == [(0.5, 50.0), (1.0, 52.0)]
-    assert tau_curve({"curve": ["bad"]}) == []
+def test_decouple_reader_and_tau_curves():
+    real = {"method": "lws", "thresholds": {"many": 100, "few": 20}, "info": {"tau": 0.5},
+            "metrics": {"all": 60.0, "class_mean": None, "many": None, "medium": None, "few": None,
+                        "per_class": [{"accuracy": 70.0, "train_count": 300}]},
+            "joint": {"all": 55.0, "class_mean": 50.0, "many": 60.0, "medium": 50.0, "few": 40.0}}
+    d = DecoupleResult.from_dict(real, "decouple_lws.json")
+    assert d.metrics.all == 60.0 and d.joint.all == 55.0 and d.tau == 0.5 and d.thresholds["many"] == 100
+    assert d.metrics.per_class == [{"accuracy": 70.0, "train_count": 300}]
+    with pytest.raises(DataError, match=r"decouple_crt.json: missing key 'method'"):
+        DecoupleResult.from_dict({"test": {"all": 61.0}}, "decouple_crt.json")
+    with pytest.raises(DataError, match=r"decouple_x.json metrics: missing key 'few'"):
+        DecoupleResult.from_dict({"method": "x", "metrics": {"all": 1.0, "class_mean": 1.0, "many": 1.0,
+                                                             "medium": 1.0}}, "decouple_x.json")
+    tau = {"method": "tau_norm", "metrics": real["metrics"]}
+    assert DecoupleResult.from_dict({**tau, "info": {"tau_curve": [], "test_curve": [[0.5, 40.0]]}}).tau_curves() \
+        == [("test", [(0.5, 40.0)])]
+    assert DecoupleResult.from_dict({**tau, "info": {"tau_curve": [[1.0, 50], [0.0, 40]]}}).tau_curves() == \
+        [("val", [(0.0, 40.0), (1.0, 50.0)])]
+    with pytest.raises(DataError, match="tau_curve"):
+        DecoupleResult.from_dict({**tau, "info": {"tau_curve": ["bad"]}}).tau_curves()
 
 
 # ----------------------------------------------------------------------------- the report
@@ -157,6 +171,9 @@ def test_report_is_self_contained_escaped_and_complete(tmp_path):
     assert html.count("<td>joint (linear)</td>") == 1
     assert "1.75 (l2)" in html and "head.margin=-0.1" in html
     assert "skipped" in html and "eval_bad.json" in html  # the malformed file is reported, not fatal
+    # files of no writer's layout are never guessed at: a note names the file and the key
+    assert "eval_guessed.json: not a lowshot eval result" in html and "71.37" not in html
+    assert "decouple_guessed.json: missing key &#x27;method&#x27;" in html and "62.34" not in html
     for title in ("Training curves", "Few-shot accuracy", "Margin sweeps", "Feature discriminability (phi)",
                   "Long-tail (decoupled classifiers)"):
         assert f">{title}</h2>" in html
@@ -221,16 +238,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
 @needs_fmnist
 def test_report_from_real_training_analysis_and_decouple_outputs(tmp_path):
     """The readers match what lowshot train / analyze / decouple actually write."""
-    from lowshot.analysis import analyze_checkpoint
     from lowshot.longtail import decouple_checkpoint
+    from lowshot.pipelines import analyze_with_figures
     from lowshot.train import train
     cfg = load_config(CFG, ["data.options={max_per_class: 20}", "train.epochs=2", "train.batch_size=32",
                             "train.max_steps_per_epoch=2", "val.every=0", "train.progress=false",
                             "head.name=linear", "head.margin=0", "head.scale=null"])
     run = tmp_path / "runs" / "tiny"
     train(cfg, run, log=lambda _m: None)
-    analyze_checkpoint(run / "best.pt", ["base"], out_dir=run / "analysis", projection="pca", classes=3,
-                       per_class=10, device="cpu", log=lambda _m: None)
+    analyze_with_figures(run / "best.pt", ["base"], out_dir=run / "analysis", projection="pca", classes=3,
+                         per_class=10, device="cpu", log=lambda _m: None)
     _, dec = decouple_checkpoint(run / "best.pt", "ncm", test_split="base_test", log=lambda _m: None)
     from lowshot.fewshot.cli import run_eval
     ev = run_eval(run / "best.pt", shots=[1], episodes=10, method="ncm", device="cpu", log=lambda _m: None)

@@ -5,10 +5,11 @@ import pytest
 
 import lowshot.train as train_mod
 from lowshot.analysis import expand_grid, parse_axis, parse_sweep_args, point_name, run_sweep, split_values
-from lowshot.analysis.sweep import config_difference
+from lowshot.analysis.grid import config_difference
 from lowshot.cli import main
 from lowshot.config import load_config, to_dict
 from lowshot.errors import ConfigError
+from lowshot.pipelines import sweep_with_summary
 
 from conftest import OMNIGLOT_DIR, ROOT, needs_fmnist, needs_omniglot
 
@@ -109,7 +110,7 @@ def counted_train(monkeypatch):
 def test_margin_sweep_is_resumable_and_tabulated(tmp_path, counted_train, monkeypatch):
     out = tmp_path / "sweep"
     kw = dict(shots=[1, 5], episodes=20, method="ncm", overrides=FIXED, log=quiet)
-    res = run_sweep(CFG, {"head.margin": [-0.1, 0.1]}, out, **kw)
+    res = sweep_with_summary(CFG, {"head.margin": [-0.1, 0.1]}, out, **kw)
     assert [r["name"] for r in res] == ["head.margin=-0.1", "head.margin=0.1"]
     assert [c[1] for c in counted_train] == [False, False]
     for r in res:
@@ -167,8 +168,8 @@ def test_margin_sweep_is_resumable_and_tabulated(tmp_path, counted_train, monkey
 def test_diverged_point_is_reported_and_the_sweep_goes_on(tmp_path, counted_train):
     out = tmp_path / "d"
     fixed = FIXED + ["head.name=linear", "head.margin=0", "head.scale=null"]
-    res = run_sweep(CFG, {"optim.lr": [1e30, 1e31]}, out, shots=[1], episodes=10, method="ncm", overrides=fixed,
-                    log=quiet)
+    res = sweep_with_summary(CFG, {"optim.lr": [1e30, 1e31]}, out, shots=[1], episodes=10, method="ncm",
+                             overrides=fixed, log=quiet)
     assert len(counted_train) == 2  # the first divergence did not stop the sweep
     assert all("loss is" in r["error"] for r in res) and not (out / "optim.lr=1e+30" / "result.json").exists()
     md = (out / "sweep.md").read_text()
@@ -194,8 +195,9 @@ def test_cli_sweep_reuses_finished_points(tmp_path, counted_train, capsys):
 
 # ----------------------------------------------------------------------------- protocols and seeds
 
-from lowshot.analysis.sweep import (Protocol, aggregate_seeds, fewshot_items, margin_effect,  # noqa: E402
-                                    parse_protocol, seed_table, stat)
+from lowshot.report.seeds import aggregate_seeds, margin_effect, stat  # noqa: E402
+from lowshot.report.sweep import seed_table  # noqa: E402
+from lowshot.results import Protocol, fewshot_items, parse_protocol  # noqa: E402
 
 
 def test_parse_protocol_and_legacy_keys():
@@ -318,7 +320,7 @@ def test_seeded_sweep_runs_each_point_seed_resumably(tmp_path, counted_train):
     cfg1 = load_config(CFG, FIXED + ["head.margin=0.0", "train.seed=1", "name=head.margin=0.0,train.seed=1"])
     train_mod.train(cfg1, out / "head.margin=0.0,train.seed=1", log=quiet, overrides=["train.max_steps=1"])
     counted_train.clear()
-    res = run_sweep(CFG, {"head.margin": [0.0]}, out, seeds=[0, 1, 2], **kw)
+    res = sweep_with_summary(CFG, {"head.margin": [0.0]}, out, seeds=[0, 1, 2], **kw)
     assert counted_train == [(str(out / "head.margin=0.0,train.seed=1"), True),
                              (str(out / "head.margin=0.0,train.seed=2"), False)]
     stored = [json.loads((out / r["name"] / "result.json").read_text()) for r in res]

@@ -46,7 +46,7 @@ def _config(name: str) -> Path:
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, overrides: Sequence[str] = (),
              log: Any = print) -> dict[str, Any]:
-    from .analysis.sweep import run_sweep
+    from .pipelines import sweep_with_summary
     from .config import load_config
     from .longtail.stage2 import decouple, format_table
     from .report import build_report
@@ -59,9 +59,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, override
     t0 = time.perf_counter()
 
     log(f"== 1/3 Negative-Margin study on Fashion-MNIST base classes: margins {MARGINS} x seeds {SEEDS} ==")
-    points = run_sweep(_config(SWEEP_RECIPE), {"head.margin": MARGINS}, out / "margin_sweep", seeds=SEEDS,
-                       protocols=PROTOCOLS, episodes=episodes, overrides=[*sweep_over, *overrides],
-                       log=_quiet_sweep(log))
+    points = sweep_with_summary(_config(SWEEP_RECIPE), {"head.margin": MARGINS}, out / "margin_sweep",
+                                seeds=SEEDS, protocols=PROTOCOLS, episodes=episodes,
+                                overrides=[*sweep_over, *overrides], log=_quiet_sweep(log))
 
     log("== 2/3 Decoupling on Fashion-MNIST-LT (imbalance factor 100) ==")
     lt_cfg = load_config(_config("fashion_mnist_lt/conv4_joint.yaml"), lt_over)

@@ -122,10 +122,16 @@ def inspect_new_run_dir(path: Path, overwrite: bool) -> str:
         return "empty"
     if overwrite:
         return "overwrite"
-    if "last.pt" not in names and set(names) <= BEFORE_FIRST_CHECKPOINT | {"best.pt"}:
+    if not files_beyond_failed_start(path):
         return "failed start"  # (a best.pt without last.pt: killed between the two writes of epoch 1)
     raise ConfigError(f"run directory {path} is not empty: resume it with --resume {path}, "
                       f"choose another name=..., or pass --overwrite")
+
+
+def files_beyond_failed_start(path: Path) -> list[str]:
+    """Names in ``path`` that a run does not write before its first ``last.pt`` (empty: a failed start)."""
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not is_temp_leftover(p.name)
+                  and p.name not in BEFORE_FIRST_CHECKPOINT | {"best.pt"})
 
 
 def clear_run_dir(path: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from .analyze import analyze_checkpoint, format_phi_table, resolve_split, split_features
 from .discriminability import ClassStatistics, class_statistics, discriminability, pca_2d, project_2d
-from .sweep import expand_grid, parse_axis, parse_sweep_args, point_name, run_sweep, split_values
+from .grid import expand_grid, parse_axis, parse_sweep_args, split_values
+from ..results import point_name
+from .sweep import run_sweep
 
 __all__ = [
     "ClassStatistics",

@@ -13,7 +13,10 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError, DataError
+from ..results import PhiAnalysis
 from .discriminability import discriminability, headline_space, project_2d
+
+Draw = Callable[..., Path]  # (xy [N, 2], class names, path, *, title) -> path of the PNG
 
 SPLIT_KINDS = ("base", "novel")
 
@@ -61,8 +64,11 @@ def split_report(feats: dict[str, Any], head_name: str) -> dict[str, Any]:
 def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = None, *,
                        out_dir: str | Path | None = None, projection: str | None = None, classes: int = 5,
                        per_class: int = 200, device: str = "auto", batch_size: int = 256,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
-    """phi per split; with ``out_dir`` also ``analysis.json`` and ``projection_<split>.png``.
+                       log: Callable[[str], None] = print, draw: Draw | None = None) -> dict[str, Any]:
+    """phi per split; with ``out_dir`` also ``analysis.json`` (``results.PhiAnalysis``) and, with
+    ``projection``, ``projection_<split>.png`` drawn by ``draw(xy, names, path, title=...)``
+    (``report.figures.plot_projection``; ``lowshot analyze`` passes it, see
+    ``lowshot.pipelines.analyze_with_figures``).
 
     ``splits``: "base" and/or "novel"; None = base, plus novel when the config names a novel split.
     """
@@ -73,8 +79,9 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
     if classes < 1 or per_class < 1:
         raise ConfigError("--classes and --per-class must be >= 1")
     if projection is not None:  # fail before extracting features, not after
-        from ..report.figures import require_matplotlib
-        require_matplotlib(f"--projection {projection}")
+        if draw is None:
+            raise ConfigError("a projection needs a figure writer: pass draw=lowshot.report.figures.plot_projection "
+                              "(or use lowshot.pipelines.analyze_with_figures)")
         if projection == "tsne":
             from ..utils import require
             require("sklearn.manifold", "--projection tsne")
@@ -94,32 +101,30 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
         result["splits"][kind] = split_report(feats, cfg.head.name)
         if projection is not None and out is not None:
             path = out / f"projection_{kind}.png"
-            save_projection(feats, path, method=projection, classes=classes, per_class=per_class,
-                            normalize=result["headline_space"] == "l2",
-                            title=f"{cfg.name}: {feats['split']} ({projection.upper()}, "
-                                  f"{result['headline_space']} features)")
+            xy, names = projection_points(feats, method=projection, classes=classes, per_class=per_class,
+                                          normalize=result["headline_space"] == "l2")
+            draw(xy, names, path, title=f"{cfg.name}: {feats['split']} ({projection.upper()}, "
+                                        f"{result['headline_space']} features)")
             result["projections"][kind] = path.name
     log(format_phi_table(result))
     if out is not None:
         from ..checkpoint import write_text_atomic
-        write_text_atomic(out / "analysis.json", json.dumps(result, indent=2))
+        record = PhiAnalysis.from_dict(result, str(out / "analysis.json"))  # the record the report reads
+        write_text_atomic(out / "analysis.json", json.dumps(record.to_dict(), indent=2))
         log(f"wrote {out / 'analysis.json'}" + "".join(f", {out / p}" for p in result["projections"].values()))
     return result
 
 
-def save_projection(feats: dict[str, Any], path: Path, *, method: str = "pca", classes: int = 5,
-                    per_class: int = 200, normalize: bool = False, title: str = "") -> Path:
-    """2-D scatter of the first ``classes`` classes (first ``per_class`` samples of each)."""
-    from ..report.figures import plot_projection
+def projection_points(feats: dict[str, Any], *, method: str = "pca", classes: int = 5, per_class: int = 200,
+                      normalize: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """2-D points and class names of the first ``classes`` classes (first ``per_class`` samples each)."""
     labels = feats["labels"]
     keep_classes = torch.unique(labels)[:classes]
     idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in keep_classes])
     x = feats["features"][idx]
     if normalize:
         x = torch.nn.functional.normalize(x.double(), dim=1)
-    xy = project_2d(x, method)
-    names = [feats["class_names"][int(c)] for c in labels[idx]]
-    return plot_projection(xy, names, path, title=title)
+    return project_2d(x, method), [feats["class_names"][int(c)] for c in labels[idx]]
 
 
 def format_phi_table(result: dict[str, Any]) -> str:

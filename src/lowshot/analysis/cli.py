@@ -1,4 +1,5 @@
-"""``lowshot analyze`` and ``lowshot sweep`` (registered by ``lowshot.cli.build_parser``)."""
+"""``lowshot analyze`` and ``lowshot sweep`` (registered by ``lowshot.cli.build_parser``): thin, over
+``lowshot.pipelines`` (analysis results plus the figures and tables ``lowshot.report`` draws)."""
 from __future__ import annotations
 
 import argparse
@@ -7,19 +8,20 @@ from typing import Any
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_checkpoint
     splits = None if args.split == "both" else [args.split]  # both: novel only when the config has one
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "analysis"
-    analyze_checkpoint(args.checkpoint, splits, out_dir=out, projection=args.projection, classes=args.classes,
-                       per_class=args.per_class, device=args.device, batch_size=args.batch_size)
+    from ..pipelines import analyze_with_figures
+    analyze_with_figures(args.checkpoint, splits, out_dir=out, projection=args.projection, classes=args.classes,
+                         per_class=args.per_class, device=args.device, batch_size=args.batch_size)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_sweep_args, run_sweep
+    from ..pipelines import sweep_with_summary
+    from .grid import parse_sweep_args
     grid, fixed = parse_sweep_args(args.grid)
-    run_sweep(args.config, grid, args.out, shots=args.shots, episodes=args.episodes, method=args.method,
-              protocols=args.protocols, seeds=args.seeds, overrides=fixed)
+    sweep_with_summary(args.config, grid, args.out, shots=args.shots, episodes=args.episodes, method=args.method,
+                       protocols=args.protocols, seeds=args.seeds, overrides=fixed)
     return 0
 
 

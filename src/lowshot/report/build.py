@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import figures
-from .collect import Collected, Run, accuracy_records, collect, longtail_summary, tau_curves
+from ..results import LongTailMetrics, fewshot_items
+from .collect import Collected, Run, collect
 from .html import FigureRef, Para, Section, Table, render_html, render_markdown
 
 TITLE = "lowshot report"
@@ -43,7 +44,7 @@ class _Figs:
 
 
 def _cfg(run: Run, dotted: str) -> Any:
-    node: Any = run.config or (run.result or {}).get("config", {})
+    node: Any = run.config or (run.result.config if run.result is not None else None) or {}
     for part in dotted.split("."):
         if not isinstance(node, dict):
             return None
@@ -105,26 +106,29 @@ def curves_section(c: Collected, figs: _Figs) -> Section:
     return s
 
 
+def _fewshot_rows(r: Run) -> list[tuple[str, dict[str, Any]]]:
+    """(file, {method, way, shot, episodes, mean, ci95}) of every few-shot number of a run."""
+    out = [(fname, {"method": a.method, "way": a.way, "shot": a.shot, "episodes": a.episodes, "mean": a.mean,
+                    "ci95": a.ci95}) for fname, ev in r.evals for a in ev.results]
+    if r.result is not None and r.result.fewshot:
+        proto = r.result.protocol or {}
+        out += [("result.json", {"mean": float(v["mean"]), "ci95": float(v["ci95"]), "shot": p.shot,
+                                 "way": p.way if not p.within else f"{p.way} (within {p.within})",
+                                 "method": proto.get("method"), "episodes": proto.get("episodes")})
+                for _, p, v in fewshot_items(r.result.to_dict())]
+    return out
+
+
 def fewshot_section(c: Collected, figs: _Figs) -> Section:
     s = Section("Few-shot accuracy")
     rows, bars = [], []
     for r in c.runs:
-        sources: list[tuple[str, Any]] = list(r.evals)
-        if r.result and r.result.get("fewshot"):
-            from ..analysis.sweep import fewshot_items
-            proto = r.result.get("protocol", {})
-            sources.append(("result.json", [{"mean": v.get("mean"), "ci95": v.get("ci95"), "shot": p.shot,
-                                             "way": p.way if not p.within else f"{p.way} (within {p.within})",
-                                             "method": proto.get("method"), "episodes": proto.get("episodes"),
-                                             "checkpoint": r.result.get("checkpoint")}
-                                            for _, p, v in fewshot_items(r.result)]))
-        for fname, data in sources:
-            for rec in accuracy_records(data):
-                rows.append([r.label, fname, str(rec.get("method", "-")), str(rec.get("way", "-")),
-                             str(rec.get("shot", "-")), str(rec.get("episodes", "-")), _pm(rec["mean"], rec["ci95"])])
-                bars.append({"label": f"{r.label} · {rec.get('way', '?')}-way {rec.get('shot', '?')}-shot"
-                                      f" ({rec.get('method', '?')})", "mean": rec["mean"], "ci95": rec["ci95"],
-                             "shot": rec.get("shot")})
+        for fname, rec in _fewshot_rows(r):
+            rows.append([r.label, fname, str(rec.get("method") or "-"), str(rec.get("way", "-")),
+                         str(rec.get("shot", "-")), str(rec.get("episodes") or "-"), _pm(rec["mean"], rec["ci95"])])
+            bars.append({"label": f"{r.label} · {rec.get('way', '?')}-way {rec.get('shot', '?')}-shot"
+                                  f" ({rec.get('method') or '?'})", "mean": rec["mean"], "ci95": rec["ci95"],
+                         "shot": rec.get("shot")})
     if not rows:
         s.blocks.append(Para("No data: no eval*.json or sweep result.json with few-shot accuracies found.", note=True))
         return s
@@ -137,25 +141,26 @@ def fewshot_section(c: Collected, figs: _Figs) -> Section:
 
 
 def sweeps_section(c: Collected, figs: _Figs) -> Section:
-    from ..analysis.sweep import aggregate_seeds, is_seeded, margin_effect, sweep_table
+    from .seeds import aggregate_seeds, is_seeded, margin_effect
+    from .sweep import sweep_table
     s = Section("Margin sweeps")
     for sw in c.sweeps:
-        points = sw.data.get("points") or []
+        points = sw.data.point_dicts()
         if not points:
             s.blocks.append(Para(f"{sw.label}: sweep.json lists no finished points yet.", note=True))
             continue
         header, rows = sweep_table(points)
         seeded = is_seeded(points)
         extra = "; mean ± sample std over seeds, [c] = mean per-seed 95% CI over episodes" if seeded else ""
-        s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.get('grid', {})}{extra})"))
-        effect = margin_effect(aggregate_seeds(points), sw.data.get("axis")) if seeded else []
+        s.blocks.append(Table(header, rows, caption=f"{sw.label} (grid: {sw.data.grid}{extra})"))
+        effect = margin_effect(aggregate_seeds(points), sw.data.axis) if seeded else []
         if effect:
             s.blocks.append(Para("Differences to the reference point (mean over seeds; SE from the seed spread, "
                                  "paired by seed; * = chosen on validation): " + " | ".join(effect)))
-        p = figures.plot_sweep(points, sw.data.get("axis"), figs.path(f"sweep_{sw.label}"))
+        p = figures.plot_sweep(points, sw.data.axis, figs.path(f"sweep_{sw.label}"))
         bars = "error bars: std over seeds" if seeded else "error bars: 95% CI over episodes (novel)"
         s.blocks.append(FigureRef(p, f"{sw.label}: base-class and novel-class accuracy and discriminability phi "
-                                     f"against {sw.data.get('axis') or 'the sweep point'} ({bars})"))
+                                     f"against {sw.data.axis or 'the sweep point'} ({bars})"))
     if not s.blocks:
         s.blocks.append(Para("No data: no sweep.json found (run `lowshot sweep`).", note=True))
     return s
@@ -169,21 +174,19 @@ def phi_section(c: Collected, figs: _Figs) -> Section:
     rows = []
     for r in c.runs:
         sources = []
-        if r.analysis:
-            sources.append(("analysis.json", r.analysis.get("splits", {})))
-        if r.result and r.result.get("phi"):
-            sources.append(("result.json", r.result["phi"]))
+        if r.analysis is not None:
+            sources.append(("analysis.json", r.analysis.splits))
+        if r.result is not None and r.result.phi:
+            sources.append(("result.json", r.result.phi))
         for fname, splits in sources:
             for kind, d in splits.items():
-                if not isinstance(d, dict):
-                    continue
-                sp = d.get(d.get("space", "raw"), {}) or {}
-                rows.append([r.label, fname, kind, str(d.get("split", "-")), str(sp.get("num_classes", "-")),
-                             str(sp.get("num_samples", "-")), f"{_g(d.get('phi'))} ({d.get('space', '?')})",
-                             _g((d.get("raw") or {}).get("phi")), _g((d.get("l2") or {}).get("phi")),
+                sp = d.stats()
+                rows.append([r.label, fname, kind, str(d.split or "-"), str(sp.get("num_classes", "-")),
+                             str(sp.get("num_samples", "-")), f"{_g(d.phi)} ({d.space})",
+                             _g((d.raw or {}).get("phi")), _g((d.l2 or {}).get("phi")),
                              _g(sp.get("inter")), _g(sp.get("intra"))])
         if r.analysis and r.analysis_dir is not None:
-            for kind, name in (r.analysis.get("projections") or {}).items():
+            for kind, name in r.analysis.projections.items():
                 src = r.analysis_dir / str(name)
                 if src.is_file() and src.suffix == ".png":
                     dst = figs.path(f"projection_{r.label}_{kind}")
@@ -197,28 +200,34 @@ def phi_section(c: Collected, figs: _Figs) -> Section:
     return s
 
 
+def _lt_summary(m: LongTailMetrics, tau: float | None) -> dict[str, Any]:
+    """The numbers of one classifier's row (``all`` shown as overall) and its per-class points."""
+    out: dict[str, Any] = {"overall": m.all, "class_mean": m.class_mean, "many": m.many, "medium": m.medium,
+                           "few": m.few, "tau": tau}
+    if m.per_class:
+        out.update(per_class=[row.get("accuracy") for row in m.per_class],
+                   train_counts=[row.get("train_count") for row in m.per_class])
+    return out
+
+
 def longtail_section(c: Collected, figs: _Figs) -> Section:
     s = Section("Long-tail (decoupled classifiers)")
     rows, groups, scatter, curves = [], [], [], []
     for r in c.runs:
         joint_done = False
-        for method, _file, data in r.decouple:
-            summaries = [(method, longtail_summary(data))]
-            joint = longtail_summary(data, "joint")
-            if joint is not None and not joint_done:  # the stage-1 classifier, once per run
-                summaries.insert(0, (f"joint ({data.get('joint_head') or 'stage 1'})", joint))
+        for method, _file, dec in r.decouple:
+            summaries = [(method, _lt_summary(dec.metrics, dec.tau))]
+            if dec.joint is not None and not joint_done:  # the stage-1 classifier, once per run
+                summaries.insert(0, (f"joint ({dec.joint_head or 'stage 1'})", _lt_summary(dec.joint, None)))
                 joint_done = True
-            for name, curve in tau_curves(data):
+            for name, curve in dec.tau_curves():
                 curves.append((f"{r.label} · {method} ({name})", curve))
             for name, summ in summaries:
-                if summ is None:
-                    continue
                 label = f"{r.label} · {name}"
-                rows.append([r.label, name, _f(summ.get("overall")), _f(summ.get("class_mean")),
-                             _f(summ.get("many")), _f(summ.get("medium")), _f(summ.get("few")),
-                             _g(summ.get("tau")) if "tau" in summ else "-"])
+                rows.append([r.label, name, _f(summ["overall"]), _f(summ["class_mean"]), _f(summ["many"]),
+                             _f(summ["medium"]), _f(summ["few"]), _g(summ["tau"]) if summ["tau"] is not None else "-"])
                 groups.append((label, summ))
-                if "per_class" in summ and "train_counts" in summ:
+                if "per_class" in summ:
                     scatter.append((label, summ["per_class"], summ["train_counts"]))
     if not rows and not curves:
         s.blocks.append(Para("No data: no decouple_*.json found (run `lowshot decouple`).", note=True))

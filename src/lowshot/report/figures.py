@@ -93,12 +93,15 @@ def plot_sweep(results: Sequence[dict[str, Any]], x_key: str | None, path: str |
     Runs of several ``train.seed`` values are aggregated per point: markers are means over seeds and
     error bars the sample std over seeds. A point with one seed shows the per-episode 95% CI for
     novel accuracy (and no bar for base accuracy and phi)."""
-    from ..analysis.sweep import aggregate_seeds, is_seeded, parse_protocol
+    from ..results import parse_protocol
+    from .seeds import accuracy_column, aggregate_seeds, is_seeded
     seeded = is_seeded(results)
     agg = aggregate_seeds(results)
     fig = new_figure(10.0, 4.0)
     ax_acc, ax_phi = fig.subplots(1, 2)
     groups = _series(agg, x_key)
+    acc_header, acc_key = accuracy_column(agg)
+    acc_label = "base classes" if acc_key == "base_acc" else acc_header.removesuffix(" %") + " (held-out)"
     labels = list(dict.fromkeys(k for a in agg for k in a["fewshot"]))
     protos = sorted(labels, key=lambda k: (parse_protocol(k).within or "", parse_protocol(k).way,
                                            parse_protocol(k).shot))
@@ -107,10 +110,10 @@ def plot_sweep(results: Sequence[dict[str, Any]], x_key: str | None, path: str |
         suffix = f" [{rest}]" if rest else ""
         xs = [x for x, _ in items]
         mk = markers[gi % 10]
-        base = [_mean_err(a["base_acc"], False) for _, a in items]
+        base = [_mean_err(a.get(acc_key), False) for _, a in items]
         if any(_finite(m) for m, _ in base):
             ax_acc.errorbar(xs, [m for m, _ in base], yerr=[e for _, e in base], marker=mk, capsize=3,
-                            color="C0", label=f"base classes{suffix}")
+                            color="C0", label=f"{acc_label}{suffix}")
         for si, label in enumerate(protos):
             vals = [_mean_err(a["fewshot"].get(label), True) for _, a in items]
             ax_acc.errorbar(xs, [m for m, _ in vals], yerr=[e for _, e in vals], marker=mk, capsize=3,
