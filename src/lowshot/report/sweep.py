@@ -7,6 +7,7 @@ call it, see ``lowshot.pipelines.sweep_with_summary``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -123,9 +124,8 @@ def write_summary(out: str | Path, summary: SweepSummary | None = None, *, figur
     if summary is None:
         summary = SweepSummary.from_dict(json.loads((out / "sweep.json").read_text()), str(out / "sweep.json"))
     md, agg = summary_markdown(out.name, summary)
-    if agg is not None:
-        summary.aggregate = agg
-        summary.seeds = list(summary.seeds or [])
+    if agg is not None:  # a copy: the caller's summary (run_sweep's, still growing) stays its own
+        summary = dataclasses.replace(summary, aggregate=agg, seeds=list(summary.seeds or []))
     write_text_atomic(out / "sweep.json", json.dumps(summary.to_dict(), indent=2))
     write_text_atomic(out / "sweep.md", md)
     if figure:
