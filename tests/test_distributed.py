@@ -108,7 +108,7 @@ WORKER = textwrap.dedent('''
     from lowshot.data import build_dataset
     from lowshot.data.transforms import build_transform
     from lowshot.errors import ConfigError
-    from lowshot.inference import extract_features
+    from lowshot.inference import extract_features, extract_features_distributed
     from lowshot.models import build_model
     from lowshot.train import train
 
@@ -146,15 +146,15 @@ WORKER = textwrap.dedent('''
     backbone = build_model(load_config(cfg_path, []), 5, 1, 28).backbone
     tf = build_transform(False, 28, 1, (0.286,), (0.353,))
     f_all, y_all = extract_features(backbone, ds, tf, batch_size=16)
-    f_dist, y_dist = D.extract_features_distributed(backbone, ds, tf, batch_size=16)
+    f_dist, y_dist = extract_features_distributed(backbone, ds, tf, batch_size=16)
     res["features_equal_labels"] = bool(torch.equal(y_all, y_dist))
     res["features_max_diff"] = float((f_all - f_dist).abs().max())
     res["features_shape"] = list(f_dist.shape)
     # the meta-test split across ranks = the single-process meta-test, episode by episode
     from lowshot.fewshot import evaluate
     for method, kw in (("finetune", {"steps": 20}), ("ncm", {})):
-        one = evaluate(f_all, y_all, way=5, shot=1, query=10, episodes=9, method=method, seed=3, **kw)
-        two = D.evaluate_fewshot(f_dist, y_dist, way=5, shot=1, query=10, episodes=9, method=method, seed=3, **kw)
+        one = evaluate(f_all, y_all, way=5, shot=1, query=10, episodes=9, method=method, seed=3, shard=False, **kw)
+        two = evaluate(f_dist, y_dist, way=5, shot=1, query=10, episodes=9, method=method, seed=3, **kw)
         res[f"meta_{method}"] = [one["accuracies"], two["accuracies"], one["mean"], two["mean"]]
     parts = D.all_gather_cat(torch.full((ctx.rank + 1, 2), float(ctx.rank)))
     res["gather"] = parts.tolist()

@@ -233,60 +233,6 @@ def shard_indices(n: int, rank_: int | None = None, world: int | None = None) ->
     return range(n * r // w, n * (r + 1) // w)
 
 
-def extract_features_distributed(backbone: nn.Module, dataset: Any, transform: Callable[[torch.Tensor], torch.Tensor],
-                                 batch_size: int = 256, device: str | torch.device = "cpu",
-                                 **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``extract_features`` with the dataset split across ranks; every rank gets all features, in order.
-
-    The backbone runs in eval mode, so a sample's feature does not depend on which rank computed it.
-    """
-    from .inference import extract_features
-    if not is_distributed():
-        return extract_features(backbone, dataset, transform, batch_size, device, **kw)
-    part = dataset.subset(list(shard_indices(len(dataset))))
-    feats, labels = extract_features(backbone, part, transform, batch_size, device, **kw)
-    return all_gather_cat(feats.contiguous()), all_gather_cat(labels.contiguous())
-
-
-def evaluate_fewshot(features: torch.Tensor, labels: torch.Tensor, *, way: int = 5, shot: int = 1,
-                     query: int = 15, episodes: int = 2000, method: Any = "finetune", seed: int = 0,
-                     device: torch.device | str | None = None, class_names: Any = None,
-                     groups: Any = None, **kw: Any) -> dict[str, Any]:
-    """``lowshot.fewshot.evaluate`` with the episodes split across ranks; every rank gets the result.
-
-    Every rank draws the same episodes from ``seed``; rank r solves a contiguous block of them
-    through the method's ``chunk_scores`` with their global episode indices (so each episode's
-    seeded draws are the single-process ones), and the per-episode accuracies are gathered in
-    episode order. Methods without ``chunk_scores`` run on rank 0 and the result is broadcast.
-    ``groups``: within-group episodes, as in ``evaluate``.
-    """
-    from .fewshot import evaluate, sample_episodes, summarize
-    from .fewshot.evaluators import FewShotMethod, create_method
-    if not is_distributed():
-        return evaluate(features, labels, way=way, shot=shot, query=query, episodes=episodes, method=method,
-                        seed=seed, device=device, class_names=class_names, groups=groups, **kw)
-    solver = method if isinstance(method, FewShotMethod) else create_method(method, **kw)
-    if not hasattr(solver, "chunk_scores") or not hasattr(solver, "chunk_size"):
-        return rank0_decides(lambda: evaluate(features, labels, way=way, shot=shot, query=query, episodes=episodes,
-                                              method=solver, seed=seed, device=device, class_names=class_names,
-                                              groups=groups))
-    x = features if features.dtype in (torch.float32, torch.float64) else features.float()
-    x = x.to(device) if device is not None else x
-    eps = sample_episodes(labels, way, shot, query, episodes, seed, groups=groups, class_names=class_names)
-    block, step = shard_indices(episodes), solver.chunk_size
-    correct = []
-    truth = torch.arange(way, device=x.device).repeat_interleave(query)
-    for s in range(block.start, block.stop, step):
-        scores = solver.chunk_scores(x, eps[s:min(s + step, block.stop)], shot, seed, s)
-        correct.append((scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu())
-    mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.float64)
-    acc = all_gather_cat(mine)
-    mean, std, ci95 = summarize(acc.numpy())
-    return {"mean": mean, "ci95": ci95, "std": std, "accuracies": acc.tolist(), "way": way, "shot": shot,
-            "query": query, "episodes": episodes, "method": getattr(solver, "name", str(method)), "seed": seed,
-            "within": groups is not None}
-
-
 # ----------------------------------------------------------------------------- BatchNorm
 
 class _SumOverRanks(torch.autograd.Function):

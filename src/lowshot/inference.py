@@ -26,6 +26,7 @@ from .data import DATASETS, build_dataset
 from .data.base import ImageDataset
 from .data.loader import BatchLoader
 from .data.transforms import build_transform
+from .distributed import all_gather_cat, is_distributed, shard_indices
 from .errors import DataError, LowshotError
 from .models import Classifier, model_from_checkpoint
 from .utils import progress, resolve_device
@@ -59,6 +60,20 @@ def extract_features(backbone: nn.Module, dataset: ImageDataset, transform: Tran
     if not feats:
         return torch.zeros(0, getattr(backbone, "out_dim", 0)), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+def extract_features_distributed(backbone: nn.Module, dataset: ImageDataset, transform: Transform,
+                                 batch_size: int = 256, device: str | torch.device = "cpu",
+                                 **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features`` with the dataset split across ranks; every rank gets all features, in order.
+
+    The backbone runs in eval mode, so a sample's feature does not depend on which rank computed it.
+    """
+    if not is_distributed():
+        return extract_features(backbone, dataset, transform, batch_size, device, **kw)
+    part = dataset.subset(list(shard_indices(len(dataset))))
+    feats, labels = extract_features(backbone, part, transform, batch_size, device, **kw)
+    return all_gather_cat(feats.contiguous()), all_gather_cat(labels.contiguous())
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..distributed import all_gather_cat, is_distributed, rank0_decides, shard_indices
 from ..errors import ConfigError, DataError
 from .episodes import as_label_tensor, episode_labels, sample_episodes
 from .evaluators import EVALUATORS, FewShotMethod, create_method
@@ -60,7 +61,7 @@ def _method(method: str | FewShotMethod, kw: dict[str, Any]) -> tuple[str, FewSh
 def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: int = 15,
              episodes: int = 2000, method: str | FewShotMethod = "finetune", seed: int = 0,
              device: torch.device | str | None = None, class_names: Sequence[str] | None = None,
-             groups: Any = None, **method_kw: Any) -> dict[str, Any]:
+             groups: Any = None, shard: bool | None = None, **method_kw: Any) -> dict[str, Any]:
     """Meta-test ``features`` [N, D] with integer ``labels`` [N] on sampled episodes.
 
     Returns a plain dict: ``mean``, ``ci95``, ``std`` (percent), ``accuracies`` (list of
@@ -68,7 +69,9 @@ def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: 
     ``seconds`` (sampling + solving).  The same ``seed`` gives the same episodes for every
     method, so methods are compared on identical tasks.  ``device`` e.g. "cuda" moves the work.
     ``groups`` (one id per sample) draws each episode's classes from one group
-    (see ``sample_episodes``); the result then has ``within: True``.
+    (see ``sample_episodes``); the result then has ``within: True``. ``shard``: split the episodes
+    across the ranks of a torchrun process group (default: whenever one is initialised); every rank
+    then returns the same result, equal to the single-process one episode by episode.
     """
     if isinstance(query, bool) or not isinstance(query, (int, np.integer)) or query < 1:
         raise ConfigError(f"query must be an integer >= 1, got {query!r}")
@@ -81,13 +84,40 @@ def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: 
         raise DataError(f"{x.shape[0]} feature rows but {y.numel()} labels")
     name, solver = _method(method, method_kw)
     eps = sample_episodes(y, way, shot, query, episodes, seed, groups=groups, class_names=class_names)
-    scores = solver.scores(x, eps, shot, seed)
-    truth = episode_labels(way, query, scores.device)
-    acc = (scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu()
+    if is_distributed() if shard is None else shard:
+        acc = _sharded_accuracies(solver, x, eps, way, shot, query, seed)
+    else:
+        scores = solver.scores(x, eps, shot, seed)
+        truth = episode_labels(way, query, scores.device)
+        acc = (scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu()
     mean, std, ci95 = summarize(acc.numpy())
     return {"mean": mean, "ci95": ci95, "std": std, "accuracies": acc.tolist(), "way": way,
             "shot": shot, "query": query, "episodes": episodes, "method": name, "seed": seed,
             "within": groups is not None, "seconds": time.perf_counter() - t0}
+
+
+def _sharded_accuracies(solver: FewShotMethod, x: Tensor, eps: Tensor, way: int, shot: int, query: int,
+                        seed: int) -> Tensor:
+    """Per-episode accuracies with the episodes split across ranks (under torchrun); every rank gets all.
+
+    Every rank drew the same episodes from ``seed``; rank r solves a contiguous block of them
+    through ``chunk_scores`` with their global episode indices (so each episode's seeded draws are
+    the single-process ones), and the accuracies are gathered in episode order. A method without
+    ``chunk_scores`` is solved on rank 0 and broadcast.
+    """
+    if not hasattr(solver, "chunk_scores") or not hasattr(solver, "chunk_size"):
+        def whole() -> Tensor:
+            scores = solver.scores(x, eps, shot, seed)
+            return (scores.argmax(-1) == episode_labels(way, query, scores.device)).to(torch.float64).mean(1).mul_(100).cpu()
+        return rank0_decides(whole)
+    block, step = shard_indices(eps.shape[0]), solver.chunk_size
+    truth = episode_labels(way, query, x.device)
+    correct = []
+    for s in range(block.start, block.stop, step):
+        scores = solver.chunk_scores(x, eps[s:min(s + step, block.stop)], shot, seed, s)
+        correct.append((scores.argmax(-1) == truth).to(torch.float64).mean(1).mul_(100).cpu())
+    mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.float64)
+    return all_gather_cat(mine)
 
 
 def evaluate_many(features: Any, labels: Any, *, shots: Sequence[int] = (1, 5),

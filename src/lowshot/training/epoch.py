@@ -18,8 +18,9 @@ from torch import nn
 
 from ..config import Config
 from ..data.base import ImageDataset
-from ..distributed import (all_reduce, broadcast_buffers, evaluate_fewshot, extract_features_distributed,
-                           is_distributed, is_main, shard_indices)
+from ..distributed import all_reduce, broadcast_buffers, is_distributed, is_main, shard_indices
+from ..fewshot import evaluate
+from ..inference import extract_features_distributed
 from ..data.loader import BatchLoader
 from ..models import Classifier
 from ..tblog import TensorBoardLog
@@ -185,7 +186,7 @@ def fewshot_validation(model: Classifier, ds: ImageDataset, transform: Callable,
                                                  show_progress=cfg.train.progress and is_main(),
                                                  desc=f"val features ({len(ds)} images)")
     groups = ds.sample_groups(v.within) if v.within else None   # e.g. Omniglot: episodes within one alphabet
-    res = evaluate_fewshot(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
+    res = evaluate(feats, labels, way=v.way, shot=v.shot, query=v.query, episodes=v.episodes,
                            method=v.method, seed=v.seed, device=device, groups=groups,
                            **_fewshot_method_kwargs(cfg, v.method, v.options))
     return {"val_mean": float(res["mean"]), "val_ci95": float(res["ci95"])}
