@@ -15,7 +15,7 @@ from lowshot.fewshot import (
     evaluate,
     evaluate_many,
     format_table,
-    list_methods,
+    list_evaluators,
     sample_episodes,
     summarize,
 )
@@ -158,7 +158,7 @@ def test_evaluate_many_and_table():
     table = format_table(res).splitlines()
     assert table[0] == "| method | 5-way 1-shot | 5-way 2-shot |"
     assert table[2].startswith("| ncm | ") and " ± " in table[2] and len(table) == 4
-    assert list_methods() == ["finetune", "logreg", "ncm"]
+    assert list_evaluators() == ["finetune", "logreg", "ncm"]
 
 
 def test_logreg_memory_budget_subchunks_do_not_change_results(monkeypatch):
@@ -215,12 +215,12 @@ def test_head_family_is_declared_at_registration():
 def test_validation_and_sweeps_use_the_family_fine_tune_head():
     """Validation during training and sweeps go through train._fewshot_method_kwargs."""
     from lowshot.config import load_config
-    from lowshot.fewshot.evaluators import create_method
+    from lowshot.fewshot.evaluators import create_evaluator
     from lowshot.train import _fewshot_method_kwargs
     cfg = load_config(None, ["head.name=neg_softmax"])
     kw = _fewshot_method_kwargs(cfg, "finetune", {"preset": "bl0"})
     assert kw == {"preset": "bl0", "head": "linear", "bias": False, "scale": 5.0}
-    solver = create_method("finetune", **kw)
+    solver = create_evaluator("finetune", **kw)
     assert (solver.config.head, solver.config.bias, solver.config.scale) == ("linear", False, 5.0)
 
 

@@ -17,7 +17,6 @@ from lowshot.heads import create_head
 from lowshot.data.loader import BatchLoader
 from lowshot.heads.ncm import ncm_fit
 from lowshot.longtail import stage2, tau_normalize
-from lowshot.longtail.methods import linear_parts
 from lowshot.longtail.stage2 import (
     Stage2Context,
     decouple,
@@ -197,10 +196,10 @@ def test_linear_parts_reproduce_eval_logits():
     x = torch.randn(5, 4)
     for name, kw in (("linear", {}), ("neg_softmax", {"bias": True}), ("virtual_softmax", {})):
         head = create_head(name, 3, 4, **kw).eval()
-        w, b = linear_parts(head, "tau_norm")
+        w, b = head.linear_parts()
         torch.testing.assert_close(x @ w.t() + (0 if b is None else b), head(x))
     with pytest.raises(ConfigError, match="'cosine'.*use crt or ncm"):
-        linear_parts(create_head("cosine", 3, 4), "lws")
+        create_head("cosine", 3, 4).linear_parts()
 
 
 def test_shot_thresholds_rules():

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowshot.errors import CheckpointError, ConfigError
-from lowshot.longtail import SAMPLERS, build_sampler, list_samplers
+from lowshot.data.samplers import SAMPLERS, build_sampler, list_samplers
 
 COUNTS = [400, 100, 25, 5]
 _SHUFFLE = torch.randperm(530, generator=torch.Generator().manual_seed(0))

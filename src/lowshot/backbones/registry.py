@@ -7,7 +7,6 @@ user mistakes, so both raise :class:`~lowshot.errors.ConfigError` naming the cul
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +18,9 @@ from ..registry import Registry
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
 
-def register_backbone(name: str | None = None, *aliases: str) -> Callable[[Any], Any]:
-    """Decorator: register a factory ``f(in_channels=3, image_size=None, **kw) -> nn.Module``."""
-    return BACKBONES.register(name, *aliases)
+def register_backbone(name: str | None = None, *aliases: str, **meta: Any) -> Callable[[Any], Any]:
+    """Decorator: register a typed factory ``f(in_channels=3, image_size=None, ...) -> nn.Module``."""
+    return BACKBONES.register(name, *aliases, **meta)
 
 
 def list_backbones() -> list[str]:
@@ -29,26 +28,10 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-def check_options(factory: Callable[..., Any], options: dict[str, Any], what: str) -> None:
-    """Raise ConfigError (not a TypeError) for keyword options ``factory`` does not take."""
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"{what} got unknown option(s) {', '.join(map(repr, unknown))} "
-            f"(accepted: {', '.join(accepted)})"
-        )
-
-
 def create_backbone(name: str, in_channels: int = 3, **kw: Any) -> nn.Module:
-    """Build backbone ``name``; the result has ``.out_dim`` and maps [N,C,H,W] -> [N,out_dim]."""
+    """Build backbone ``name`` (options checked by ``BACKBONES.create``); the result has ``.out_dim`` and maps [N,C,H,W] -> [N,out_dim]."""
     canonical = BACKBONES.canonical(name)
-    factory = BACKBONES.get(canonical)
-    check_options(factory, {"in_channels": in_channels, **kw}, f"backbone {canonical!r}")
-    model = factory(in_channels=in_channels, **kw)
+    model = BACKBONES.create(canonical, in_channels=in_channels, **kw)
     if not isinstance(getattr(model, "out_dim", None), int):
         raise TypeError(f"backbone factory {canonical!r} returned a module without an int .out_dim")
     return model

@@ -14,7 +14,7 @@ from .base import FileImageDataset, ImageDataset, TensorImageDataset
 from .info import DOWNLOADERS, dataset_summary, download_dataset, register_downloader
 from .io import decode_image, list_images, load_image
 from .longtail import balanced_split, class_counts, longtail_counts, make_longtail
-from .registry import DATASETS, build_dataset, list_datasets, register_dataset
+from .registry import DATASETS, build_dataset, create_dataset, list_datasets, register_dataset
 from .splits import explicit_split, holdout_per_class, sample_per_class, split_classes
 from .transforms import DATASET_STATS, build_transform, default_stats
 
@@ -27,6 +27,7 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "build_transform",
+    "create_dataset",
     "dataset_summary",
     "decode_image",
     "default_stats",

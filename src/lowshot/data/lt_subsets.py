@@ -38,14 +38,13 @@ def build_longtail(name: str, base_dataset: str, split: str, root: str | None = 
     if base_dataset not in DATASETS:
         raise ConfigError(f"{name}: base dataset {base_dataset!r} is not registered; import the module "
                           f"that defines it (known: {', '.join(DATASETS.names())})")
+    try:  # an option neither we nor the base reader know
+        base_kw = DATASETS.check(base_dataset, base_kw)
+    except ConfigError as err:
+        raise ConfigError(f"dataset {name!r}: {err}") from None
+
     def base(part: str) -> ImageDataset:
-        try:
-            return build_dataset(base_dataset, part, root=root, image_size=image_size, download=download, **base_kw)
-        except TypeError as err:  # an option neither we nor the base reader know
-            if "unexpected keyword argument" not in str(err):
-                raise
-            bad = str(err).split("argument")[-1].strip()
-            raise ConfigError(f"dataset {name!r} (base {base_dataset!r}) has no option {bad}") from None
+        return build_dataset(base_dataset, part, root=root, image_size=image_size, download=download, **base_kw)
 
     if split == "test":
         return base("test")

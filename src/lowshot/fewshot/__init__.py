@@ -17,8 +17,9 @@ from .evaluators import (
     Finetune,
     LogisticRegression,
     NearestClassMean,
-    create_method,
-    list_methods,
+    create_evaluator,
+    list_evaluators,
+    register_evaluator,
 )
 from .feature_files import FeatureFile, load_feature_file, run_features_eval, run_features_generalized
 from .finetune import FinetuneConfig
@@ -39,12 +40,13 @@ __all__ = [
     "FinetuneConfig",
     "LogisticRegression",
     "NearestClassMean",
-    "create_method",
+    "create_evaluator",
     "episode_labels",
     "evaluate",
     "evaluate_many",
     "format_table",
-    "list_methods",
+    "list_evaluators",
+    "register_evaluator",
     "sample_episodes",
     "summarize",
 ]

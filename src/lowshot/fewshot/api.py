@@ -21,7 +21,7 @@ from torch import Tensor
 from ..distributed import all_gather_cat, is_distributed, rank0_decides, shard_indices
 from ..errors import ConfigError, DataError
 from .episodes import as_label_tensor, episode_labels, sample_episodes
-from .evaluators import EVALUATORS, FewShotMethod, create_method
+from .evaluators import EVALUATORS, FewShotMethod, create_evaluator
 
 Z95 = 1.96
 
@@ -55,7 +55,7 @@ def _method(method: str | FewShotMethod, kw: dict[str, Any]) -> tuple[str, FewSh
         return method.name, method
     if not isinstance(method, str):
         raise ConfigError(f"method must be a name or a FewShotMethod, got {type(method).__name__}")
-    return EVALUATORS.canonical(method), create_method(method, **kw)
+    return EVALUATORS.canonical(method), create_evaluator(method, **kw)
 
 
 def evaluate(features: Any, labels: Any, *, way: int = 5, shot: int = 1, query: int = 15,

@@ -134,7 +134,7 @@ def register(sub: Any) -> None:
     p.add_argument("--shot", type=int_at_least(1), nargs="+", help="one or more shot counts, e.g. --shot 1 5")
     p.add_argument("--query", type=int_at_least(1), help="queries per class, >= 1 (default: eval.query)")
     p.add_argument("--episodes", type=int_at_least(1), help="episodes, >= 1 (default: eval.episodes)")
-    p.add_argument("--method", help="finetune | ncm | logreg (see lowshot.fewshot.list_methods())")
+    p.add_argument("--method", help="finetune | ncm | logreg (see lowshot.fewshot.list_evaluators())")
     p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (default: next to the checkpoint)")

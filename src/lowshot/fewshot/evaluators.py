@@ -3,11 +3,12 @@
 A method maps ``(features [N, D], episodes [E, way, shot + query], shot)`` to query scores
 ``[E, way * query, way]`` (queries in class-major order, so query ``i`` has label
 ``i // query``).  Methods register in ``EVALUATORS``; add one by subclassing
-``FewShotMethod`` and decorating it with ``@EVALUATORS.register("name")``.
+``FewShotMethod`` (typed ``__init__`` options) and decorating it with ``@register_evaluator("name")``;
+``create_evaluator(name, **options)`` checks the options (``Registry.create``).
 """
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,13 @@ EVALUATORS: Registry = Registry("few-shot method")
 _NCM_BLOCK = 1 << 20   # floats of gathered rows per NCM block
 
 
-def list_methods() -> list[str]:
+def register_evaluator(name: str | None = None, *aliases: str, **meta: Any) -> Callable[[Any], Any]:
+    """Decorator: register a ``FewShotMethod`` subclass (its ``__init__`` options are checked)."""
+    return EVALUATORS.register(name, *aliases, **meta)
+
+
+def list_evaluators() -> list[str]:
+    """Registered few-shot evaluator names (aliases excluded), sorted."""
     return EVALUATORS.names()
 
 
@@ -57,19 +64,12 @@ class FewShotMethod:
         raise NotImplementedError
 
 
-def create_method(name: str, **kw: Any) -> FewShotMethod:
-    """``EVALUATORS.create`` with a ConfigError naming any keyword the method does not take."""
-    cls = EVALUATORS.get(name)
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(kw) - set(params))
-    if unknown:
-        known = ", ".join(p for p in params if p != "self")
-        raise ConfigError(f"few-shot method {EVALUATORS.canonical(name)!r} got unknown "
-                          f"option(s) {', '.join(map(repr, unknown))} (options: {known})")
-    return cls(**kw)
+def create_evaluator(name: str, **options: Any) -> FewShotMethod:
+    """Few-shot method ``name``; unknown or wrong-typed options raise ConfigError naming them."""
+    return EVALUATORS.create(name, **options)
 
 
-@EVALUATORS.register("finetune")
+@register_evaluator("finetune")
 class Finetune(FewShotMethod):
     """Fresh head per episode fine-tuned with SGD (Baseline++ / Negative-Margin protocol).
 
@@ -102,7 +102,7 @@ class Finetune(FewShotMethod):
         return finetune_reference(self.config, features, episodes, shot, seed, start)
 
 
-@EVALUATORS.register("ncm", "protonet")
+@register_evaluator("ncm", "protonet")
 class NearestClassMean(FewShotMethod):
     """Nearest class mean (ProtoNet / SimpleShot-style) on frozen features.
 
@@ -210,7 +210,7 @@ class NearestClassMean(FewShotMethod):
         return torch.cat(out)
 
 
-@EVALUATORS.register("logreg", "logistic")
+@register_evaluator("logreg", "logistic")
 class LogisticRegression(FewShotMethod):
     """Multinomial L2 logistic regression per episode (scikit-learn's objective).
 

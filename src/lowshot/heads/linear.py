@@ -17,6 +17,9 @@ class LinearHead(Head):
         self._check(features, labels)
         return F.linear(features, self.weight, self.bias)
 
+    def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight.detach(), None if self.bias is None else self.bias.detach()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bias={self.bias is not None}"
 
@@ -48,6 +51,11 @@ class NegSoftmaxHead(Head):
             assert labels is not None
             logits = replace_target(logits, labels, target_values(logits, labels) - self.margin)
         return self.scale * logits
+
+    def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """s (W f + b): the scale folded into the classifier."""
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        return w * self.scale, None if b is None else b * self.scale
 
     def extra_repr(self) -> str:
         return (

@@ -8,7 +8,6 @@ device: they apply only when labels are given AND the module is in training mode
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -41,41 +40,38 @@ FAMILY_FINETUNE: dict[str, dict[str, Any]] = {
     "virtual_softmax": {"head": "linear", "bias": False},
 }
 DEFAULT_FAMILY = "linear"
-_FAMILY_OF: dict[str, str] = {}
 
 
-def register_head(name: str | None = None, *aliases: str, family: str | None = None) -> Callable[[Any], Any]:
-    """Decorator: register a factory ``f(num_classes, embedding_size, **kw) -> Head``.
+def register_head(name: str | None = None, *aliases: str, family: str | None = None,
+                  finetune: dict[str, Any] | None = None, **meta: Any) -> Callable[[Any], Any]:
+    """Decorator: register a factory ``f(num_classes, embedding_size, **options) -> Head``.
 
-    ``family`` (one of ``FAMILY_FINETUNE``) says which fresh head meta-tests a model trained
-    with this head (``head_family``); heads registered without one count as ``linear``.
+    ``family`` says which fresh head meta-tests a model trained with this head (``head_family``;
+    one of ``FAMILY_FINETUNE``, default ``linear``); a head of a new family gives its fine-tune
+    options itself (``finetune={"head": ..., ...}``), so a new head is a one-file change.
     """
-    if family is not None and family not in FAMILY_FINETUNE:
-        raise ValueError(f"head family {family!r} is not one of {sorted(FAMILY_FINETUNE)}")
-    register = HEADS.register(name, *aliases)
-
-    def deco(fn: Any) -> Any:
-        out = register(fn)
-        if family is not None:
-            _FAMILY_OF[name or fn.__name__] = family
-        return out
-
-    return deco
+    if finetune is None and family is not None and family not in FAMILY_FINETUNE:
+        raise ValueError(f"head family {family!r} is not one of {sorted(FAMILY_FINETUNE)} "
+                         f"(a new family gives finetune={{...}})")
+    if finetune is not None:
+        meta["finetune"] = dict(finetune)
+    return HEADS.register(name, *aliases, family=family or DEFAULT_FAMILY, **meta)
 
 
 def head_family(name: str) -> str:
     """The family a registered head (or alias) declared; ``linear`` when it declared none or is unknown."""
-    try:
-        canonical = HEADS.canonical(name)
-    except ConfigError:
+    if name not in HEADS:
         return DEFAULT_FAMILY
-    return _FAMILY_OF.get(canonical, DEFAULT_FAMILY)
+    return HEADS.meta(name).get("family", DEFAULT_FAMILY)
 
 
 def finetune_head_options(name: str) -> dict[str, Any]:
     """Fine-tune options (``head``, and ``bias`` / ``scale`` where they differ from the defaults)
     that meta-test features of a model trained with head ``name``, as the official code does."""
-    return dict(FAMILY_FINETUNE[head_family(name)])
+    meta = HEADS.meta(name) if name in HEADS else {}
+    if "finetune" in meta:
+        return dict(meta["finetune"])
+    return dict(FAMILY_FINETUNE[meta.get("family", DEFAULT_FAMILY)])
 
 
 def list_heads() -> list[str]:
@@ -84,19 +80,8 @@ def list_heads() -> list[str]:
 
 
 def create_head(name: str, num_classes: int, embedding_size: int, **kw: Any) -> nn.Module:
-    """Build head ``name``; unknown names or options raise ConfigError."""
-    canonical = HEADS.canonical(name)
-    factory = HEADS.get(canonical)
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [n for n in params if n not in ("num_classes", "embedding_size")]
-        unknown = sorted(set(kw) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"head {canonical!r} got unknown option(s) {', '.join(map(repr, unknown))} "
-                f"(accepted: {', '.join(accepted) or 'none'})"
-            )
-    return factory(num_classes, embedding_size, **kw)
+    """Build head ``name``; unknown names, unknown options and wrong-typed values raise ConfigError."""
+    return HEADS.create(name, num_classes, embedding_size, **kw)
 
 
 def _positive_int(value: Any, what: str, head: str) -> int:
@@ -147,6 +132,15 @@ class Head(nn.Module):
                 f"got {tuple(labels.shape)}"
             )
         return self.training
+
+    def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W, b)`` (detached) with eval logits = ``W f + b``; heads without that form refuse.
+
+        Stage-2 methods that rescale classifier rows (tau-norm, LWS) ask the head for this, so a
+        new inner-product head only overrides this method.
+        """
+        raise ConfigError(f"the checkpoint's head {self.head_name!r} is not an inner-product classifier "
+                          f"(eval logits = W f + b; it does not implement Head.linear_parts); use crt or ncm")
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"

@@ -45,6 +45,10 @@ class VirtualSoftmaxHead(Head):
             virtual = virtual.detach()
         return torch.cat([logits, virtual.unsqueeze(1).to(logits.dtype)], dim=1)
 
+    def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval logits are ``W x`` (the virtual class is a training device)."""
+        return self.weight.detach(), None
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, detach_virtual={self.detach_virtual}"
 

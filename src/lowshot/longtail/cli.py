@@ -18,17 +18,17 @@ from ..errors import ConfigError
 
 
 def _options_text(method: str) -> str:
-    from .stage2 import valid_options
-    pairs = [(f"{k}={v.default!r}", v.help) for k, v in valid_options(method).items()]
+    from .methods import stage2_method_options
+    pairs = [(f"{o.name}={o.default!r}", o.help) for o in stage2_method_options(method)]
     width = max(len(p) for p, _ in pairs)
     rows = [f"  {p:<{width}}  {h}" for p, h in pairs]
     return f"options of decouple {method}:\n" + "\n".join(rows)
 
 
 def cmd_decouple(args: argparse.Namespace) -> int:
-    from .methods import METHODS
+    from .methods import STAGE2_METHODS
     from .stage2 import decouple
-    method = METHODS.canonical(args.method)
+    method = STAGE2_METHODS.canonical(args.method)
     if args.list_options:
         print(_options_text(method))
         return 0
@@ -45,13 +45,13 @@ def cmd_decouple(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from .methods import METHODS
+    from .methods import list_stage2_methods
     p = subparsers.add_parser(
         "decouple", help="stage-2 classifier (cRT, tau-norm, LWS, NCM) on a trained long-tail checkpoint",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog=f"methods: {', '.join(METHODS.names())}. Writes <run_dir>/decouple_<method>.pt and .json.")
+        epilog=f"methods: {', '.join(list_stage2_methods())}. Writes <run_dir>/decouple_<method>.pt and .json.")
     p.add_argument("--checkpoint", help="joint checkpoint (file or run directory)")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS.names())}")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(list_stage2_methods())}")
     p.add_argument("--out", help="output checkpoint (default: <run_dir>/decouple_<method>.pt)")
     p.add_argument("--list-options", action="store_true", help="print the method's options and exit")
     p.add_argument("options", nargs="*", metavar="key=value", help="method options, e.g. tau=1.0 epochs=10")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from .samplers import SAMPLERS, build_sampler
+from ..data.samplers import build_sampler
 
 DEFAULT_TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 10) for i in range(21))  # 0, 0.1, ..., 2
 
@@ -111,10 +111,8 @@ def select_tau(weight: torch.Tensor, val_features: torch.Tensor, val_labels: tor
 # --- shared SGD loop on cached features ------------------------------------------------------------
 def _make_sampler(sampler: str, labels: torch.Tensor, seed: int, num_classes: int,
                   sampler_kw: dict[str, Any] | None, epochs: int) -> Any:
-    kw = dict(sampler_kw or {})
-    if SAMPLERS.canonical(sampler) == "progressive":
-        kw.setdefault("total_epochs", epochs)  # the stage-2 schedule is the natural horizon
-    return build_sampler(sampler, labels.cpu(), seed=seed, num_classes=num_classes, **kw)
+    kw = dict(sampler_kw or {})  # the stage-2 schedule is the natural horizon
+    return build_sampler(sampler, labels.cpu(), seed=seed, num_classes=num_classes, horizon=epochs, **kw)
 
 
 def _cosine_lr(base: float, step: int, total: int) -> float:

@@ -3,8 +3,10 @@
 A method takes the loaded run (``ctx``: model, cached features of its splits) and its resolved
 options and returns a ``Fit``: the new head's registry name, keywords and state dict, a new
 backbone state only when it changed (cRT on images with live BatchNorm), and plain-data ``info``
-for the results (tau curve, LWS scales...). Register another method with
-``@register_method("name", options={...})``; ``lowshot decouple`` picks it up.
+for the results (tau curve, LWS scales...). A method is a dataclass of its typed options (each
+with a help text: ``opt(default, help)``) whose ``fit(ctx)`` returns the ``Fit``; register another
+with ``@register_stage2_method("name")`` on a ``Stage2Method`` subclass and ``lowshot decouple``
+picks it up. ``create_stage2_method(name, **options)`` checks the options (``Registry.create``).
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from ..errors import ConfigError, LowshotError
-from ..registry import Registry
+from ..registry import Option, Registry
 from .decouple import (
     DEFAULT_TAU_GRID,
     apply_lws,
@@ -32,46 +34,6 @@ from .decouple import (
 if TYPE_CHECKING:  # pragma: no cover
     from .stage2 import Stage2Context
 
-_KINDS = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
-          "float?": "a number or null", "str?": "a string or null", "list?": "a list of numbers or null",
-          "dict": "a mapping like {k: v}", "str|bool": "a string or true/false"}
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One ``key=value`` option: default, kind (see ``_KINDS``) and a one-line help."""
-
-    default: Any
-    kind: str
-    help: str = ""
-
-    def coerce(self, value: Any, what: str) -> Any:
-        k, ok = self.kind, False
-        if k.endswith("?") and value is None:
-            return None
-        base = k.rstrip("?")
-        if base == "bool":
-            ok = isinstance(value, bool)
-        elif base == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif base == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif base == "str":
-            ok = isinstance(value, str)
-        elif base == "list":
-            ok = isinstance(value, (list, tuple)) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            value = [float(v) for v in value] if ok else value
-        elif base == "dict":
-            ok = isinstance(value, dict)
-        elif base == "str|bool":
-            ok = isinstance(value, (str, bool))
-        if not ok:
-            raise ConfigError(f"{what} expects {_KINDS[k]}, got {value!r}")
-        return value
-
-
 @dataclass
 class Fit:
     head_name: str
@@ -81,34 +43,83 @@ class Fit:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-METHODS: Registry[Callable[..., Fit]] = Registry("decouple method")
-METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {}
+STAGE2_METHODS: Registry[Callable[..., Stage2Method]] = Registry(
+    "decouple method", option_error="{what} has no option {key!r} (valid: {valid}){hint}")
+METHODS = STAGE2_METHODS  # the historical name
+ThresholdRule = Literal["auto", "official", "rank"]
 
 
-def register_method(name: str, *aliases: str, options: dict[str, OptionSpec]) -> Callable[[Any], Any]:
-    def deco(fn: Callable[..., Fit]) -> Callable[..., Fit]:
-        METHODS.register(name, *aliases)(fn)
-        METHOD_OPTIONS[name] = dict(options)
-        return fn
-    return deco
+def opt(default: Any, help: str) -> Any:
+    """A dataclass option with a one-line ``help`` (``--list-options`` prints it)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
-def _sgd_options(epochs: int, weight_decay: float, sampler: str) -> dict[str, OptionSpec]:
-    return {
-        "sampler": OptionSpec(sampler, "str", "stage-2 sampler (class_balanced, class_aware, sqrt, ...)"),
-        "sampler_kwargs": OptionSpec({}, "dict", "sampler options, e.g. {samples_per_class: 4}"),
-        "epochs": OptionSpec(epochs, "int", "passes of the sampler"),
-        "lr": OptionSpec(0.2, "float", "SGD learning rate, cosine-decayed to 0 (see schedule)"),
-        "schedule": OptionSpec("epoch", "str", "epoch (official: per-epoch cosine, last epoch at lr 0) | "
-                                               "step (per-step cosine)"),
-        "select": OptionSpec("best_val", "str", "best_val (official: keep the epoch with the best top-1 on "
-                                                "val_split) | last (keep the final epoch)"),
-        "val_split": OptionSpec("val", "str?", "balanced split that select=best_val scores every epoch"),
-        "batch_size": OptionSpec(512, "int", "batch size"),
-        "momentum": OptionSpec(0.9, "float", "SGD momentum"),
-        "weight_decay": OptionSpec(weight_decay, "float", "SGD weight decay"),
-        "seed": OptionSpec(0, "int", "seed of the sampler and the re-initialised weights"),
-    }
+@dataclass
+class RunOptions:
+    """How ``decouple`` / ``evaluate_checkpoint`` open the run and count many / medium / few."""
+
+    device: str = opt("auto", "device for feature extraction and stage-2 training")
+    root: str | None = opt(None, "dataset root (default: the one in the checkpoint's config)")
+    train_split: str | None = opt(None, "long-tailed training split (default: data.train_split)")
+    feature_batch_size: int = opt(256, "batch size of feature extraction")
+    cache: bool = opt(True, "reuse features cached in <run_dir>/features/")
+    thresholds: ThresholdRule = opt("auto", "many/medium/few rule: auto | official (>100/<20) | rank")
+
+
+@dataclass
+class Stage2Method(RunOptions):
+    """Base class: the options every method takes; subclasses add theirs and implement ``fit``."""
+
+    test_split: str = opt("test", "balanced evaluation split")
+
+    def options(self) -> dict[str, Any]:
+        """All options as a plain dict (what the method reads and the results record)."""
+        return dataclasses.asdict(self)
+
+    def fit(self, ctx: Stage2Context) -> Fit:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_stage2_method(name: str, *aliases: str, **meta: Any) -> Callable[[Any], Any]:
+    """Decorator: register a ``Stage2Method`` dataclass (its fields are the checked options)."""
+    return STAGE2_METHODS.register(name, *aliases, **meta)
+
+
+def create_stage2_method(name: str, **options: Any) -> Stage2Method:
+    """The configured method ``name``; unknown or wrong-typed options raise ConfigError."""
+    return STAGE2_METHODS.create(name, **options)
+
+
+def list_stage2_methods() -> list[str]:
+    """Registered stage-2 method names (aliases excluded), sorted."""
+    return STAGE2_METHODS.names()
+
+
+def stage2_method_options(name: str) -> list[Option]:
+    """The options of ``name`` with defaults and help: its own first, then the common ones."""
+    common = {f.name for f in dataclasses.fields(Stage2Method)}
+    opts = list(STAGE2_METHODS.options(name).values())
+    return [o for o in opts if o.name not in common] + [o for o in opts if o.name in common]
+
+
+@dataclass
+class SGDOptions(Stage2Method):
+    """Options of the class-balanced SGD stage 2 (cRT, LWS); defaults: cRT's."""
+
+    sampler: str = opt("class_balanced", "stage-2 sampler (class_balanced, class_aware, sqrt, ...)")
+    sampler_kwargs: dict[str, Any] = opt({}, "sampler options, e.g. {samples_per_class: 4}")
+    epochs: int = opt(10, "passes of the sampler")
+    lr: float = opt(0.2, "SGD learning rate, cosine-decayed to 0 (see schedule)")
+    schedule: str = opt("epoch", "epoch (official: per-epoch cosine, last epoch at lr 0) | step (per-step cosine)")
+    select: str = opt("best_val", "best_val (official: keep the epoch with the best top-1 on val_split) | "
+                                  "last (keep the final epoch)")
+    val_split: str | None = opt("val", "balanced split that select=best_val scores every epoch")
+    batch_size: int = opt(512, "batch size")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    seed: int = opt(0, "seed of the sampler and the re-initialised weights")
 
 
 def _sgd_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
@@ -149,18 +160,12 @@ def _stage2_info(record: dict[str, Any], split: str | None, opts: dict[str, Any]
     return info
 
 
-def linear_parts(head: torch.nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W, b) with eval logits = W f + b for inner-product heads; other heads raise ConfigError."""
-    from ..heads import LinearHead, NegSoftmaxHead, VirtualSoftmaxHead
-    w = head.weight.detach()
-    b = head.bias.detach() if getattr(head, "bias", None) is not None else None
-    if isinstance(head, NegSoftmaxHead):  # s (W f + b): fold the scale into the classifier
-        return w * head.scale, None if b is None else b * head.scale
-    if isinstance(head, (LinearHead, VirtualSoftmaxHead)):
-        return w, b
-    raise ConfigError(f"{what} rescales the rows of an inner-product classifier, but the checkpoint's head is "
-                      f"{getattr(head, 'head_name', type(head).__name__)!r} (supported: linear, neg_softmax, "
-                      f"virtual_softmax); use crt or ncm")
+def _linear_parts(ctx: Stage2Context, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, b) of the joint head (``Head.linear_parts``), the error naming the method."""
+    try:
+        return ctx.model.head.linear_parts()
+    except ConfigError as err:
+        raise ConfigError(f"{what} rescales the rows of an inner-product classifier, but {err}") from None
 
 
 def _linear_fit(weight: torch.Tensor, bias: torch.Tensor | None, info: dict[str, Any]) -> Fit:
@@ -172,13 +177,20 @@ def _linear_fit(weight: torch.Tensor, bias: torch.Tensor | None, info: dict[str,
 
 # ----------------------------------------------------------------------------- cRT
 
-@register_method("crt", "cRT", options={
-    **_sgd_options(10, 5e-4, "class_balanced"),
-    "bias": OptionSpec(True, "bool", "give the new classifier a bias"),
-    "images": OptionSpec(False, "bool", "train on augmented images through the frozen backbone"),
-    "freeze_bn": OptionSpec(True, "bool", "images=true: keep BatchNorm statistics (false: official code)"),
-    "num_workers": OptionSpec(0, "int", "images=true: loader workers for file datasets"),
-})
+@register_stage2_method("crt", "cRT")
+@dataclass
+class CRT(SGDOptions):
+    """cRT (see ``crt``)."""
+
+    bias: bool = opt(True, "give the new classifier a bias")
+    images: bool = opt(False, "train on augmented images through the frozen backbone")
+    freeze_bn: bool = opt(True, "images=true: keep BatchNorm statistics (false: official code)")
+    num_workers: int = opt(0, "images=true: loader workers for file datasets")
+
+    def fit(self, ctx: Stage2Context) -> Fit:
+        return crt(ctx, self.options())
+
+
 def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Re-initialised linear classifier, class-balanced, backbone frozen; by default trained like the
     official loop (per-epoch cosine whose last epoch runs at lr 0, best epoch on ``val_split`` kept).
@@ -218,19 +230,27 @@ def crt(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
 
 # ----------------------------------------------------------------------------- tau-norm
 
-@register_method("tau_norm", "tau", "taunorm", "tau-norm", options={
-    "tau": OptionSpec(None, "float?", "fixed tau (default: best on the balanced val split)"),
-    "grid": OptionSpec(None, "list?", "tau grid (default 0, 0.1, ..., 2.0)"),
-    "criterion": OptionSpec("accuracy", "str", "val criterion: accuracy | class_mean"),
-    "val_split": OptionSpec("val", "str?", "balanced split that chooses tau (null: none, needs tau=)"),
-})
+@register_stage2_method("tau_norm", "tau", "taunorm", "tau-norm")
+@dataclass
+class TauNorm(Stage2Method):
+    """tau-normalisation (see ``tau_norm``)."""
+
+    tau: float | None = opt(None, "fixed tau (default: best on the balanced val split)")
+    grid: list[float] | None = opt(None, "tau grid (default 0, 0.1, ..., 2.0)")
+    criterion: str = opt("accuracy", "val criterion: accuracy | class_mean")
+    val_split: str | None = opt("val", "balanced split that chooses tau (null: none, needs tau=)")
+
+    def fit(self, ctx: Stage2Context) -> Fit:
+        return tau_norm(ctx, self.options())
+
+
 def tau_norm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """w_i / ||w_i||^tau, bias dropped; tau picked on the balanced val split unless fixed.
 
     The curve on the test split is recorded too (``test_curve``), never used for the choice: it
     shows how far the val-selected tau is from the test-optimal one the official code reports.
     """
-    w, _ = linear_parts(ctx.model.head, "tau_norm")
+    w, _ = _linear_parts(ctx, "tau_norm")
     grid = list(DEFAULT_TAU_GRID) if opts["grid"] is None else opts["grid"]
     info: dict[str, Any] = {"criterion": opts["criterion"], "val_split": opts["val_split"], "grid": grid}
     curve: list[tuple[float, float]] = []
@@ -258,11 +278,22 @@ def tau_norm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
 
 # ----------------------------------------------------------------------------- LWS
 
-@register_method("lws", "LWS", options=_sgd_options(5, 0.0, "class_balanced"))
+@register_stage2_method("lws", "LWS")
+@dataclass
+class LWS(SGDOptions):
+    """Learnable weight scaling (see ``lws``); SGD options as cRT with fewer epochs, no decay."""
+
+    epochs: int = opt(5, "passes of the sampler")
+    weight_decay: float = opt(0.0, "SGD weight decay")
+
+    def fit(self, ctx: Stage2Context) -> Fit:
+        return lws(ctx, self.options())
+
+
 def lws(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Per-class scales s on the joint classifier (W, b frozen), class-balanced; folded into W, b.
     Schedule and best-val selection as ``crt``."""
-    w, b = linear_parts(ctx.model.head, "lws")
+    w, b = _linear_parts(ctx, "lws")
     split = _selection(ctx, opts, "lws")
     record: dict[str, Any] = {}
     f, y = ctx.features(opts["train_split"])
@@ -274,11 +305,19 @@ def lws(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
 
 # ----------------------------------------------------------------------------- NCM
 
-@register_method("ncm", "NCM", options={
-    "metric": OptionSpec("l2", "str", "l2 | cosine"),
-    "center": OptionSpec("all", "str|bool", "centre before normalising: all (mean of all training features, "
-                                            "official) | class_mean (mean of class means) | none"),
-})
+@register_stage2_method("ncm", "NCM")
+@dataclass
+class NCM(Stage2Method):
+    """Nearest class mean (see ``ncm``)."""
+
+    metric: str = opt("l2", "l2 | cosine")
+    center: str | bool = opt("all", "centre before normalising: all (mean of all training features, "
+                                    "official) | class_mean (mean of class means) | none")
+
+    def fit(self, ctx: Stage2Context) -> Fit:
+        return ncm(ctx, self.options())
+
+
 def ncm(ctx: Stage2Context, opts: dict[str, Any]) -> Fit:
     """Class means of centred, L2-normalised training features, as an ``ncm`` head (official centre:
     the mean of all training features; see lowshot.heads.ncm)."""

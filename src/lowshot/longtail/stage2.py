@@ -16,8 +16,10 @@ file and report cannot disagree. ``evaluate_checkpoint`` gives the same metrics 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,44 +37,24 @@ from ..models import Classifier, model_from_checkpoint
 from ..utils import resolve_device
 from .. import feature_cache as cache
 from ..data.longtail import class_counts
-from .methods import METHOD_OPTIONS, METHODS, Fit, OptionSpec
+from ..registry import Option, checked_call
+from .methods import STAGE2_METHODS, Fit, RunOptions, ThresholdRule, create_stage2_method, stage2_method_options
 from .metrics import GROUPS, shot_accuracy, shot_groups, thresholds_by_rank
 
 OFFICIAL_THRESHOLDS = (100, 20)
-THRESHOLD_RULES = ("auto", "official", "rank")
-
-COMMON_OPTIONS: dict[str, OptionSpec] = {
-    "device": OptionSpec("auto", "str", "device for feature extraction and stage-2 training"),
-    "root": OptionSpec(None, "str?", "dataset root (default: the one in the checkpoint's config)"),
-    "train_split": OptionSpec(None, "str?", "long-tailed training split (default: data.train_split)"),
-    "test_split": OptionSpec("test", "str", "balanced evaluation split"),
-    "feature_batch_size": OptionSpec(256, "int", "batch size of feature extraction"),
-    "cache": OptionSpec(True, "bool", "reuse features cached in <run_dir>/features/"),
-    "thresholds": OptionSpec("auto", "str", "many/medium/few rule: auto | official (>100/<20) | rank"),
-}
+THRESHOLD_RULES = typing.get_args(ThresholdRule)
 
 
 # ----------------------------------------------------------------------------- options
 
-def valid_options(method: str) -> dict[str, OptionSpec]:
-    """Every option ``method`` accepts (its own, then the common ones)."""
-    return {**METHOD_OPTIONS[METHODS.canonical(method)], **COMMON_OPTIONS}
+def valid_options(method: str) -> dict[str, Option]:
+    """Every option ``method`` accepts (its own, then the common ones), with default and help."""
+    return {o.name: o for o in stage2_method_options(method)}
 
 
 def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults <- ``options``, type-checked; an unknown key names the valid ones for ``method``."""
-    name = METHODS.canonical(method)
-    spec = valid_options(name)
-    out = {k: s.default for k, s in spec.items()}
-    for key, value in options.items():
-        if key not in spec:
-            raise ConfigError(f"decouple method {name!r} has no option {key!r} "
-                              f"(valid: {', '.join(sorted(spec))})")
-        out[key] = spec[key].coerce(value, f"decouple {name} option {key!r}")
-    if out["thresholds"] not in THRESHOLD_RULES:
-        raise ConfigError(f"decouple option 'thresholds' must be one of {', '.join(THRESHOLD_RULES)}, "
-                          f"got {out['thresholds']!r}")
-    return out
+    """Defaults <- ``options``, checked by the method registry (unknown keys name the valid ones)."""
+    return create_stage2_method(method, **options).options()
 
 
 # ----------------------------------------------------------------------------- the source run
@@ -214,12 +196,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", *, log: Cal
 
     Options: device, root, train_split, feature_batch_size, cache, thresholds (as ``decouple``).
     """
-    spec = {k: v for k, v in COMMON_OPTIONS.items() if k != "test_split"}
-    opts = {k: s.default for k, s in spec.items()}
-    for key, value in options.items():
-        if key not in spec:
-            raise ConfigError(f"evaluate_checkpoint has no option {key!r} (valid: {', '.join(sorted(spec))})")
-        opts[key] = spec[key].coerce(value, f"evaluate_checkpoint option {key!r}")
+    opts = dataclasses.asdict(checked_call(RunOptions, "evaluate_checkpoint", **options))
     ctx = Stage2Context.open(checkpoint, device=opts["device"], root=opts["root"],
                              feature_batch_size=opts["feature_batch_size"], cache=opts["cache"], log=log)
     train_split = opts["train_split"] or ctx.cfg.data.train_split
@@ -238,7 +215,7 @@ def decouple(checkpoint: str | Path, method: str, *, out: str | Path | None = No
              log: Callable[[str], None] = print, **options: Any) -> tuple[Path, dict[str, Any]]:
     """Fit stage-2 classifier ``method`` on a joint checkpoint; write checkpoint + JSON; return
     ``(checkpoint_path, results)``. See ``valid_options(method)`` for the options."""
-    name = METHODS.canonical(method)
+    name = STAGE2_METHODS.canonical(method)
     opts = resolve_options(name, options)
     ctx = Stage2Context.open(checkpoint, device=opts["device"], root=opts["root"],
                              feature_batch_size=opts["feature_batch_size"], cache=opts["cache"], log=log)
@@ -251,7 +228,7 @@ def decouple(checkpoint: str | Path, method: str, *, out: str | Path | None = No
     thr = shot_thresholds(counts, opts["thresholds"])
 
     t0, e0 = time.perf_counter(), ctx.extract_seconds
-    fit: Fit = METHODS.get(name)(ctx, opts)
+    fit: Fit = create_stage2_method(name, **opts).fit(ctx)
     fit_seconds = time.perf_counter() - t0 - (ctx.extract_seconds - e0)  # the method alone
     new = _decoupled_checkpoint(ctx, name, opts, fit)
     model, _ = model_from_checkpoint(new)  # what is saved is what is evaluated
@@ -363,7 +340,6 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "COMMON_OPTIONS",
     "Stage2Context",
     "decouple",
     "evaluate_checkpoint",

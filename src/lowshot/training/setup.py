@@ -142,25 +142,25 @@ def check_protocol(ds: ImageDataset, way: int, shot: int, query: int, keys: str,
 
 def check_method(cfg: Config, method: str, options: dict[str, Any], section: str) -> None:
     """Build the few-shot method once: an unknown name or option must not surface after an epoch."""
-    from ..fewshot.evaluators import create_method
+    from ..fewshot.evaluators import create_evaluator
     try:
-        create_method(method, **_fewshot_method_kwargs(cfg, method, options))
+        create_evaluator(method, **_fewshot_method_kwargs(cfg, method, options))
     except ConfigError as e:
         raise ConfigError(f"config key '{section}.method' / '{section}.options': {e}") from None
 
 
 def build_train_sampler(cfg: Config, labels: torch.Tensor, num_replicas: int = 1, rank: int = 0) -> Any:
     """The training sampler; under DDP every rank takes every R-th position of one shared draw."""
-    from ..longtail.samplers import SAMPLERS, build_sampler
+    from ..data.samplers import build_sampler
     t = cfg.train
     kw = dict(t.sampler_kwargs)
     clash = sorted({"seed", "num_replicas", "rank"} & set(kw))
     if clash:
         raise ConfigError(f"config key 'train.sampler_kwargs' must not set {', '.join(clash)} "
                           f"(the seed is train.seed; ranks come from torchrun)")
-    if SAMPLERS.canonical(t.sampler) == "progressive":
-        kw.setdefault("total_epochs", max(1, t.epochs))  # official linspace: the last epoch is class-balanced
-    return build_sampler(t.sampler, labels, seed=t.seed, num_replicas=num_replicas, rank=rank, **kw)
+    # horizon: for a sampler that needs it (progressive: official linspace, the last epoch is class-balanced)
+    return build_sampler(t.sampler, labels, seed=t.seed, num_replicas=num_replicas, rank=rank,
+                         horizon=max(1, t.epochs), **kw)
 
 
 def steps_per_epoch_of(t: TrainConfig, sampler: Any, num_images: int) -> int:

@@ -1,5 +1,9 @@
 """Data samplers for long-tailed training (Kang et al., ICLR 2020, Sec. 3.1), seeded and resumable.
 
+``create_sampler(name, labels, **options)`` (alias ``build_sampler``) builds a registered sampler;
+``register_sampler("name", needs_horizon=True)`` declares one that needs the training horizon (the
+number of epochs, passed as ``horizon=`` and given to it as ``total_epochs``).
+
 Kang et al. write every sampling strategy as "pick class j with probability p_j, then an image of
 that class uniformly": p_j = n_j^q / sum_k n_k^q, with q = 1 instance-balanced, q = 0
 class-balanced, q = 1/2 square-root, and progressively-balanced interpolating q = 1 -> q = 0 over
@@ -20,6 +24,7 @@ mid-epoch exact, even with a different number of ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -29,6 +34,21 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
+
+
+def register_sampler(name: str | None = None, *aliases: str, needs_horizon: bool = False,
+                     **meta: Any) -> Callable[[Any], Any]:
+    """Decorator: register a sampler class ``cls(labels, *, ..., **base_options)``.
+
+    ``needs_horizon``: the sampler takes ``total_epochs`` (the schedule's length), which
+    ``create_sampler(..., horizon=epochs)`` fills in unless given.
+    """
+    return SAMPLERS.register(name, *aliases, needs_horizon=needs_horizon, **meta)
+
+
+def needs_horizon(name: str) -> bool:
+    """Whether sampler ``name`` declared that it needs the training horizon."""
+    return bool(SAMPLERS.meta(name).get("needs_horizon", False))
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, epoch) pairs
 
@@ -189,7 +209,7 @@ def _power_probs(counts: torch.Tensor, q: float) -> torch.Tensor:
     return w / w.sum()
 
 
-@SAMPLERS.register("instance", "instance_balanced")
+@register_sampler("instance", "instance_balanced")
 class InstanceBalancedSampler(LongTailSampler):
     """Plain shuffling without replacement: each image once per epoch (q = 1).
 
@@ -204,17 +224,13 @@ class InstanceBalancedSampler(LongTailSampler):
         return torch.cat(perms)[: self.num_samples]
 
 
-@SAMPLERS.register("qpower", "q_power")
-class QPowerSampler(LongTailSampler):
-    """Class j with p_j ∝ n_j^q, then an image uniformly within it (with replacement)."""
+class _PowerSampler(LongTailSampler):
+    """Class j with p_j ∝ n_j^q (``q`` a class attribute), then an image uniformly within it."""
 
-    name = "qpower"
+    q = 1.0
 
-    def __init__(self, labels: Any, *, q: float = 0.5, **kw: Any) -> None:
+    def __init__(self, labels: Any, **kw: Any) -> None:
         super().__init__(labels, **kw)
-        if not math.isfinite(q):
-            raise ConfigError(f"q must be finite, got {q}")
-        self.q = float(q)
         self._probs = _power_probs(self.class_counts, self.q)
 
     def class_probabilities(self, epoch: int | None = None) -> torch.Tensor:
@@ -227,27 +243,36 @@ class QPowerSampler(LongTailSampler):
         return f"q={self.q}"
 
 
-@SAMPLERS.register("class_balanced", "class")
-class ClassBalancedSampler(QPowerSampler):
+@register_sampler("qpower", "q_power")
+class QPowerSampler(_PowerSampler):
+    """Class j with p_j ∝ n_j^q, then an image uniformly within it (with replacement)."""
+
+    name = "qpower"
+
+    def __init__(self, labels: Any, *, q: float = 0.5, **kw: Any) -> None:
+        if not math.isfinite(q):
+            raise ConfigError(f"q must be finite, got {q}")
+        self.q = float(q)
+        super().__init__(labels, **kw)
+
+
+@register_sampler("class_balanced", "class")
+class ClassBalancedSampler(_PowerSampler):
     """Every class equally likely (q = 0), then an image uniformly within it (with replacement)."""
 
     name = "class_balanced"
-
-    def __init__(self, labels: Any, **kw: Any) -> None:
-        super().__init__(labels, q=0.0, **kw)
+    q = 0.0
 
 
-@SAMPLERS.register("sqrt", "square_root")
-class SquareRootSampler(QPowerSampler):
+@register_sampler("sqrt", "square_root")
+class SquareRootSampler(_PowerSampler):
     """p_j ∝ sqrt(n_j) (q = 1/2, Mahajan et al. 2018), then an image uniformly within the class."""
 
     name = "sqrt"
-
-    def __init__(self, labels: Any, **kw: Any) -> None:
-        super().__init__(labels, q=0.5, **kw)
+    q = 0.5
 
 
-@SAMPLERS.register("progressive", "progressively_balanced")
+@register_sampler("progressive", "progressively_balanced", needs_horizon=True)
 class ProgressiveSampler(LongTailSampler):
     """p_j(t) = (1 - lam_t) p_j^IB + lam_t p_j^CB, lam_t = t / (T - 1), t the epoch, T = ``total_epochs``.
 
@@ -279,7 +304,7 @@ class ProgressiveSampler(LongTailSampler):
         return f"total_epochs={self.total_epochs}"
 
 
-@SAMPLERS.register("class_aware")
+@register_sampler("class_aware")
 class ClassAwareSampler(LongTailSampler):
     """Class-aware sampling (Shen et al. 2016), as in Kang et al.'s official code.
 
@@ -332,25 +357,27 @@ class ClassAwareSampler(LongTailSampler):
         return f"samples_per_class={self.samples_per_class}"
 
 
-def build_sampler(name: str, labels: Any, **kwargs: Any) -> LongTailSampler:
-    """``build_sampler("class_balanced", labels, seed=0, num_replicas=world, rank=r)``.
+def create_sampler(name: str, labels: Any, *, horizon: int | None = None, **options: Any) -> LongTailSampler:
+    """``create_sampler("class_balanced", labels, seed=0, num_replicas=world, rank=r)``.
 
-    Unknown options raise ``ConfigError`` naming the sampler and the option.
+    ``horizon`` (the number of training epochs) goes to samplers that declared ``needs_horizon``
+    as ``total_epochs`` unless that is given; other samplers ignore it. Unknown or wrong-typed
+    options raise ``ConfigError`` naming the sampler and the option (``SAMPLERS.create``).
     """
-    cls = SAMPLERS.get(name)
-    try:
-        return cls(labels, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        bad = str(err).split("argument")[-1].strip()
-        raise ConfigError(f"sampler {SAMPLERS.canonical(name)!r} has no option {bad}") from None
+    if horizon is not None and needs_horizon(name):
+        options.setdefault("total_epochs", horizon)
+    return SAMPLERS.create(name, labels, **options)
+
+
+build_sampler = create_sampler
 
 
 def list_samplers() -> list[str]:
+    """Registered sampler names (aliases excluded), sorted."""
     return SAMPLERS.names()
 
 
 __all__: Sequence[str] = ["SAMPLERS", "LongTailSampler", "InstanceBalancedSampler", "QPowerSampler",
                           "ClassBalancedSampler", "SquareRootSampler", "ProgressiveSampler",
-                          "ClassAwareSampler", "build_sampler", "list_samplers"]
+                          "ClassAwareSampler", "build_sampler", "create_sampler", "list_samplers",
+                          "needs_horizon", "register_sampler"]
