@@ -87,6 +87,10 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 # ----------------------------------------------------------------------------- value checks
 
+# Protocol hints are not checked here (the factory knows what else it accepts, e.g. a bare angle).
+_ABSTRACT = (cabc.Sequence, cabc.Iterable, cabc.Collection, cabc.Mapping, cabc.MutableMapping, cabc.Callable)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -103,17 +107,20 @@ def describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         parts = [describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin in (list, tuple, cabc.Sequence):
+    if origin in (list, tuple):
         inner = [a for a in args if a is not Ellipsis]
         return "a list" + (" of numbers" if inner and all(a in (float, int) for a in inner) else "")
-    if origin in (dict, cabc.Mapping) or hint in (dict, cabc.Mapping):
+    if origin is dict or hint is dict:
         return "a mapping like {k: v}"
     simple = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return simple.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def convert(value: Any, hint: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: whether ``value`` fits ``hint``; a float option takes an int (as a float)."""
+    """``(ok, value)``: whether ``value`` fits ``hint``; a float option takes an int (as a float).
+
+    Checked: bool, int, float, str, None, Literal, unions, list/tuple (elements of list[X]), dict and
+    other concrete classes (isinstance); unannotated, ``Any`` and protocol hints pass unchecked."""
     if hint is Any or hint is _MISSING or isinstance(hint, (str, TypeVar)):
         return True, value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -133,18 +140,18 @@ def convert(value: Any, hint: Any) -> tuple[bool, Any]:
         return _is_int(value), int(value) if _is_int(value) else value
     if hint is float:
         return _is_real(value), float(value) if _is_real(value) else value
-    if origin in (list, tuple, cabc.Sequence, cabc.Iterable) and origin is not None:
-        if not isinstance(value, (list, tuple)) and not (origin is cabc.Sequence and isinstance(value, str)):
+    if origin in _ABSTRACT or hint in _ABSTRACT:
+        return True, value  # a protocol (Sequence, Mapping...): the factory checks what it accepts
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
             return False, value
         inner = [a for a in args if a is not Ellipsis]
-        if len(inner) != 1 or isinstance(value, str):
+        if len(inner) != 1:
             return True, value
         items = [convert(v, inner[0]) for v in value]
         return all(ok for ok, _ in items), [v for _, v in items] if origin is list else value
     if origin is not None:
         hint = origin
-    if hint is cabc.Callable:
-        return callable(value), value
     if isinstance(hint, type):
         try:
             return isinstance(value, hint), value
