@@ -175,8 +175,9 @@ def method_kwargs_for_head(train_head: str, method: str, options: dict[str, Any]
 
     The Negative-Margin protocol fine-tunes a fresh head of the training head's family with margin 0;
     the family is what the head declared at registration (``lowshot.heads.head_family``) and fixes the
-    fine-tune head, bias and scale (``lowshot.heads.registry.FAMILY_FINETUNE``, e.g. neg_softmax ->
-    linear without bias at scale 5). An explicit ``head`` in ``options`` wins and gets no family defaults.
+    fine-tune head, bias and scale (``lowshot.heads.finetune_head_options``: the family's entry of
+    ``FAMILY_FINETUNE``, e.g. neg_softmax -> linear without bias at scale 5, or the head's own
+    ``finetune=`` metadata). An explicit ``head`` in ``options`` wins and gets no family defaults.
     """
     from ..heads import finetune_head_options
     kw = dict(options or {})
