@@ -182,7 +182,7 @@ def test_features_cli_argument_errors(tmp_path, capsys):
 
 def test_python_api_loads_and_evaluates(tmp_path):
     from lowshot.errors import DataError
-    from lowshot.fewshot import load_feature_file, run_features_eval
+    from lowshot.fewshot.feature_files import load_feature_file, run_features_eval
     x, y = clusters()
     np.savez(tmp_path / "f.npz", features=x.astype(np.float16), labels=y)
     ff = load_feature_file(tmp_path / "f.npz")
@@ -331,7 +331,7 @@ def test_generalized_on_features_user_errors(fm_run, tmp_path, capsys):
 def test_python_api_never_replaces_a_given_zero_by_the_default(tmp_path, kw):
     """``way=0`` used to become the default 5 (``x or default``) and ``way=1`` gave 100 %: both refused."""
     from lowshot.errors import ConfigError
-    from lowshot.fewshot import run_features_eval
+    from lowshot.fewshot.feature_files import run_features_eval
     x, y = clusters()
     np.savez(tmp_path / "f.npz", features=x, labels=y)
     with pytest.raises(ConfigError):

@@ -55,7 +55,7 @@ def test_eval_on_a_checkpoint_round_trips(tiny_run, tmp_path):
 
 
 def test_eval_on_a_features_file_round_trips(tmp_path):
-    from lowshot.fewshot import run_features_eval
+    from lowshot.fewshot.feature_files import run_features_eval
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(6), 10)
     x = rng.normal(size=(60, 8)).astype(np.float32) + 5 * np.eye(8, dtype=np.float32)[y]

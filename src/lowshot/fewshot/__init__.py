@@ -4,8 +4,10 @@
 episodes (``sample_episodes``) and runs a registered method (``EVALUATORS``:
 ``finetune`` — the Baseline++ / Negative-Margin fine-tune protocol, solved exactly in each
 episode's support span; ``ncm``/``protonet``; ``logreg``).  See docs/fewshot.md.
-``evaluate_generalized`` scores base and novel classes together (docs/generalized.md).
-``run_features_eval`` / ``run_features_generalized`` evaluate a features file (any model's).
+This package's namespace is the pure-tensor core (episodes, evaluators, ``evaluate``), which
+training-time validation uses too. Built on it, one layer up: ``fewshot.protocol`` (a checkpoint's
+splits through ``FrozenRun``), ``fewshot.feature_files`` (``eval --features``, any model's
+features) and ``fewshot.generalized`` (base and novel classes scored together, docs/generalized.md).
 """
 from __future__ import annotations
 
@@ -21,18 +23,9 @@ from .evaluators import (
     list_evaluators,
     register_evaluator,
 )
-from .feature_files import FeatureFile, load_feature_file, run_features_eval, run_features_generalized
 from .finetune import FinetuneConfig
-from .generalized import BaseClassifier, GeneralizedReport, evaluate_generalized
 
 __all__ = [
-    "BaseClassifier",
-    "FeatureFile",
-    "load_feature_file",
-    "run_features_eval",
-    "run_features_generalized",
-    "GeneralizedReport",
-    "evaluate_generalized",
     "method_kwargs_for_head",
     "EVALUATORS",
     "FewShotMethod",
