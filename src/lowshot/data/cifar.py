@@ -109,11 +109,10 @@ def _sized(ds: TensorImageDataset, image_size: int | None) -> TensorImageDataset
 
 
 @register_dataset("cifar10", "cifar-10")
-def cifar10(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-            **kw: Any) -> ImageDataset:
+def cifar10(split: str, root: str | None = None, image_size: int | None = None, download: bool = False
+            ) -> ImageDataset:
     """CIFAR-10 ``train``/``test`` from ``cifar-10-batches-py`` (root default ``$LOWSHOT_DATA/cifar10``)."""
     check_split("cifar10", split, ("train", "test"))
-    _reject_kw("cifar10", kw)
     base = dataset_root("cifar10", root)
     images, labels, names = load_cifar10_arrays(base, split == "train", download)
     ds = _tensor_dataset(images, labels, names)
@@ -122,21 +121,15 @@ def cifar10(split: str, root: str | None = None, image_size: int | None = None, 
 
 
 @register_dataset("cifar100", "cifar-100")
-def cifar100(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-             **kw: Any) -> ImageDataset:
+def cifar100(split: str, root: str | None = None, image_size: int | None = None, download: bool = False
+             ) -> ImageDataset:
     """CIFAR-100 ``train``/``test`` (fine labels; ``class_meta['superclass']`` is the coarse label name)."""
     check_split("cifar100", split, ("train", "test"))
-    _reject_kw("cifar100", kw)
     base = dataset_root("cifar100", root)
     images, fine, coarse, names, coarse_names = load_cifar100_arrays(base, split == "train", download)
     ds = _tensor_dataset(images, fine, names, {"superclass": _superclass_of(fine, coarse, coarse_names, len(names))})
     ds.location = str(base)
     return _sized(ds, image_size)
-
-
-def _reject_kw(name: str, kw: dict[str, Any]) -> None:
-    if kw:
-        raise ConfigError(f"unexpected option(s) for dataset {name!r}: {', '.join(sorted(kw))}")
 
 
 def _superclass_of(fine: np.ndarray, coarse: np.ndarray, coarse_names: Sequence[str], n: int) -> list[str]:
@@ -221,10 +214,8 @@ def _cifar100_all(root: Path, download: bool) -> tuple[TensorImageDataset, list[
 
 
 def _class_split(name: str, split: str, root: str | None, image_size: int | None, download: bool,
-                 kw: dict[str, Any], pick: Any) -> ImageDataset:
+                 holdout: int | float, seed: int, pick: Any) -> ImageDataset:
     check_split(name, split, FEW_SHOT_SPLITS)
-    holdout, seed = kw.pop("holdout", 0.1), kw.pop("holdout_seed", 0)
-    _reject_kw(name, kw)
     # CIFAR-FS / FC100 are views of CIFAR-100: share its folder unless a root is given.
     full, names, sup = _cifar100_all(dataset_root("cifar100", root), download)
     part = "base" if split.startswith("base") else split
@@ -253,20 +244,20 @@ def _pick_fc100(part: str, names: list[str], sup: list[str]) -> list[int]:
 
 
 @register_dataset("cifar_fs", "cifar-fs")
-def cifar_fs(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-             **kw: Any) -> ImageDataset:
+def cifar_fs(split: str, root: str | None = None, image_size: int | None = None, download: bool = False, *,
+             holdout: int | float = 0.1, holdout_seed: int = 0) -> ImageDataset:
     """CIFAR-FS 64/16/20 classes (reads CIFAR-100 from ``root`` or ``$LOWSHOT_DATA/cifar100``).
 
-    kw: ``holdout`` (0.1) and ``holdout_seed`` (0) for ``base_train``/``base_test``.
+    ``holdout`` / ``holdout_seed``: the per-class share of base images kept for ``base_test``.
     """
-    return _class_split("cifar_fs", split, root, image_size, download, dict(kw), _pick_cifar_fs)
+    return _class_split("cifar_fs", split, root, image_size, download, holdout, holdout_seed, _pick_cifar_fs)
 
 
 @register_dataset("fc100")
-def fc100(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-          **kw: Any) -> ImageDataset:
+def fc100(split: str, root: str | None = None, image_size: int | None = None, download: bool = False, *,
+          holdout: int | float = 0.1, holdout_seed: int = 0) -> ImageDataset:
     """FC100 12/4/4 superclasses = 60/20/20 classes (reads CIFAR-100 like ``cifar_fs``)."""
-    return _class_split("fc100", split, root, image_size, download, dict(kw), _pick_fc100)
+    return _class_split("fc100", split, root, image_size, download, holdout, holdout_seed, _pick_fc100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .base import FileImageDataset, ImageDataset
 from .common import FEW_SHOT_SPLITS, check_split, dataset_root, fetch, split_base
 from .info import download_target, register_downloader
@@ -94,14 +94,11 @@ def download_cub(root: str | os.PathLike[str] | None = None) -> Path:
 
 
 @register_dataset("cub", "cub200", "cub_200_2011")
-def cub(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-        **kw: Any) -> ImageDataset:
-    """CUB-200-2011. kw: ``crop_bbox`` (False), ``holdout`` (0.1), ``holdout_seed`` (0)."""
+def cub(split: str, root: str | None = None, image_size: int | None = None, download: bool = False, *,
+        crop_bbox: bool = False, holdout: int | float = 0.1, holdout_seed: int = 0) -> ImageDataset:
+    """CUB-200-2011; ``crop_bbox`` crops to the bird's box, ``holdout`` / ``holdout_seed`` as ``mini_imagenet``."""
     check_split("cub", split, SPLITS)
-    crop = bool(kw.pop("crop_bbox", False))
-    holdout, seed = kw.pop("holdout", 0.1), kw.pop("holdout_seed", 0)
-    if kw:
-        raise ConfigError(f"unexpected option(s) for dataset 'cub': {', '.join(sorted(kw))}")
+    crop, seed = crop_bbox, holdout_seed
     size = 224 if image_size is None else int(image_size)
     folder = _folder(dataset_root("cub", root), download)
 

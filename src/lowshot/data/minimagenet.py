@@ -29,12 +29,11 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .base import FileImageDataset, ImageDataset, TensorImageDataset
 from .common import FEW_SHOT_SPLITS, check_split, dataset_root, resize_uint8, safe_pickle_load, split_base
 from .registry import register_dataset
@@ -176,14 +175,12 @@ def _concat_tensor_sets(parts: list[TensorImageDataset]) -> TensorImageDataset:
 
 
 @register_dataset("mini_imagenet", "miniimagenet", "mini-imagenet")
-def mini_imagenet(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-                  **kw: Any) -> ImageDataset:
-    """mini-ImageNet (Ravi & Larochelle split). kw: ``imagenet_root``, ``holdout`` (0.1), ``holdout_seed`` (0)."""
+def mini_imagenet(split: str, root: str | None = None, image_size: int | None = None, download: bool = False, *,
+                  imagenet_root: str | None = None, holdout: int | float = 0.1, holdout_seed: int = 0) -> ImageDataset:
+    """mini-ImageNet (Ravi & Larochelle split); ``imagenet_root``: build it from an ImageNet train folder;
+    ``holdout`` / ``holdout_seed``: the per-class share of base images kept for ``base_test``."""
     check_split("mini_imagenet", split, SPLITS)
-    imagenet_root = kw.pop("imagenet_root", None)
-    holdout, seed = kw.pop("holdout", 0.1), kw.pop("holdout_seed", 0)
-    if kw:
-        raise ConfigError(f"unexpected option(s) for dataset 'mini_imagenet': {', '.join(sorted(kw))}")
+    seed = holdout_seed
     size = 84 if image_size is None else int(image_size)
     base = dataset_root("mini_imagenet", root)
     parts = list(SPLIT_FILES.values()) if split == "all" else \

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .base import ImageDataset, TensorImageDataset
 from .common import FEW_SHOT_SPLITS, check_split, dataset_root, resize_uint8, safe_pickle_load, split_base
 from .registry import register_dataset
@@ -104,13 +104,11 @@ def _missing(root: Path, what: Path) -> DataError:
 
 
 @register_dataset("tiered_imagenet", "tieredimagenet", "tiered-imagenet")
-def tiered_imagenet(split: str, root: str | None = None, image_size: int | None = None, download: bool = False,
-                    **kw: Any) -> ImageDataset:
-    """tiered-ImageNet. kw: ``holdout`` (0.1), ``holdout_seed`` (0) for ``base_train``/``base_test``."""
+def tiered_imagenet(split: str, root: str | None = None, image_size: int | None = None, download: bool = False, *,
+                     holdout: int | float = 0.1, holdout_seed: int = 0) -> ImageDataset:
+    """tiered-ImageNet; ``holdout`` / ``holdout_seed``: the share of base images kept for ``base_test``."""
     check_split("tiered_imagenet", split, FEW_SHOT_SPLITS)
-    holdout, seed = kw.pop("holdout", 0.1), kw.pop("holdout_seed", 0)
-    if kw:
-        raise ConfigError(f"unexpected option(s) for dataset 'tiered_imagenet': {', '.join(sorted(kw))}")
+    seed = holdout_seed
     size = 84 if image_size is None else int(image_size)
     base = dataset_root("tiered_imagenet", root)
     part = SPLIT_FILES["base" if split.startswith("base") else split]
