@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     from lowshot.config import parse_override
-    from lowshot.longtail.stage2 import decouple, format_table
+    from lowshot.longtail.metrics import format_table
+    from lowshot.longtail.stage2 import decouple
     ckpt, extra = Path(args[0]), dict(parse_override(a) for a in args[1:])
     quiet = lambda _m: None
     with tempfile.TemporaryDirectory() as tmp:

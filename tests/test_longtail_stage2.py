@@ -11,18 +11,15 @@ from conftest import ROOT, needs_fmnist
 from lowshot.checkpoint import load_checkpoint, save_checkpoint
 from lowshot.config import load_config
 from lowshot.data import build_dataset
+from lowshot import inference
 from lowshot.inference import FrozenRun
 from lowshot.errors import ConfigError
 from lowshot.heads import create_head
 from lowshot.data.loader import BatchLoader
 from lowshot.heads.ncm import ncm_fit
 from lowshot.longtail import stage2, tau_normalize
-from lowshot.longtail.stage2 import (
-    Stage2Context,
-    decouple,
-    evaluate_checkpoint,
-    shot_thresholds,
-)
+from lowshot.longtail.metrics import shot_thresholds
+from lowshot.longtail.stage2 import decouple, evaluate_checkpoint
 from lowshot.models import model_from_checkpoint
 from lowshot.train import train
 
@@ -105,7 +102,7 @@ def test_tau_norm_picks_tau_on_val_and_saves_the_curve(run):
     w = load_checkpoint(run)["head"]["weight"]
     torch.testing.assert_close(ck["head"]["weight"], tau_normalize(w, info["tau"]))
     # the curve is measured on the balanced val split (20 per class), not on test
-    ctx = Stage2Context.open(run, device="cpu", log=quiet)
+    ctx = FrozenRun.open(run, device="cpu", same_classes=True, log=quiet)
     vf, vy = ctx.features("val")
     assert vy.numel() == 200
     acc1 = 100.0 * float(((vf @ tau_normalize(w, 1.0).t()).argmax(1) == vy).double().mean())
@@ -122,7 +119,7 @@ def test_tau_norm_picks_tau_on_val_and_saves_the_curve(run):
 def test_ncm_head_holds_the_class_means_of_cached_train_features(run):
     out, _ = decouple(run, "ncm", metric="cosine", log=quiet)
     ck = load_checkpoint(out)
-    f, y = Stage2Context.open(run, device="cpu", log=quiet).features("train")
+    f, y = FrozenRun.open(run, device="cpu", same_classes=True, log=quiet).features("train")
     means, center = ncm_fit(f, y)
     torch.testing.assert_close(ck["head"]["weight"], means)
     torch.testing.assert_close(ck["head"]["center"], center)
@@ -134,13 +131,13 @@ def test_feature_cache_is_reused_and_keyed_on_the_backbone(run, tmp_path, monkey
     ckpt = tmp_path / "last.pt"
     shutil.copyfile(run, ckpt)
     calls: list[int] = []
-    real = stage2.extract_features
+    real = inference.extract_features
 
     def counting(backbone, dataset, *a, **kw):
         calls.append(len(dataset))
         return real(backbone, dataset, *a, **kw)
 
-    monkeypatch.setattr(stage2, "extract_features", counting)
+    monkeypatch.setattr(inference, "extract_features", counting)
     decouple(ckpt, "ncm", log=quiet)
     assert sorted(calls) == [403, 1200]  # train + test
     evaluate_checkpoint(ckpt, log=quiet)

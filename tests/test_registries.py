@@ -22,7 +22,7 @@ from lowshot.errors import ConfigError
 from lowshot.fewshot import EVALUATORS, create_evaluator, list_evaluators, sample_episodes
 from lowshot.heads import HEADS, Head, create_head, finetune_head_options, head_family, list_heads, register_head
 from lowshot.longtail import STAGE2_METHODS, create_stage2_method, list_stage2_methods
-from lowshot.longtail.methods import stage2_method_options
+from lowshot.longtail.stage2 import stage2_method_options
 from lowshot.registry import Registry, convert
 
 LABELS = torch.tensor([0] * 12 + [1] * 6 + [2] * 3)

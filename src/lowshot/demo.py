@@ -48,7 +48,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, override
              log: Any = print) -> dict[str, Any]:
     from .pipelines import sweep_with_summary
     from .config import load_config
-    from .longtail.stage2 import decouple, format_table
+    from .longtail.metrics import format_table
+    from .longtail.stage2 import decouple
     from .report import build_report
     from .train import train
 

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 
 def _options_text(method: str) -> str:
-    from .methods import stage2_method_options
+    from .stage2 import stage2_method_options
     pairs = [(f"{o.name}={o.default!r}", o.help) for o in stage2_method_options(method)]
     width = max(len(p) for p, _ in pairs)
     rows = [f"  {p:<{width}}  {h}" for p, h in pairs]
@@ -26,7 +26,7 @@ def _options_text(method: str) -> str:
 
 
 def cmd_decouple(args: argparse.Namespace) -> int:
-    from .methods import STAGE2_METHODS
+    from .stage2 import STAGE2_METHODS
     from .stage2 import decouple
     method = STAGE2_METHODS.canonical(args.method)
     if args.list_options:
@@ -45,7 +45,7 @@ def cmd_decouple(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from .methods import list_stage2_methods
+    from .stage2 import list_stage2_methods
     p = subparsers.add_parser(
         "decouple", help="stage-2 classifier (cRT, tau-norm, LWS, NCM) on a trained long-tail checkpoint",
         description=__doc__.split("\n\n")[0] if __doc__ else None,

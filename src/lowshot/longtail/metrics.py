@@ -125,3 +125,71 @@ def format_per_class_table(rows: Sequence[dict[str, Any]]) -> str:
         acc = "-" if math.isnan(r["accuracy"]) else f"{r['accuracy']:.2f}"
         lines.append(f"{r['name']:<{width}}  {r['train_count']:>7}  {r['test_count']:>6}  {acc:>6}  {r['group']}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checkpoint metrics and tables
+
+OFFICIAL_THRESHOLDS = (100, 20)
+THRESHOLD_RULES = ("auto", "official", "rank")
+
+
+def shot_thresholds(train_counts: list[int], rule: str = "auto") -> dict[str, Any]:
+    """Many/few thresholds and the rule used. ``auto``: the official >100 / <20 when every group
+    gets a class, else by rank (top / bottom third of classes by training count)."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"thresholds rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    many, few = OFFICIAL_THRESHOLDS
+    groups = set(shot_groups(train_counts, many, few))
+    if rule == "rank" or (rule == "auto" and groups != set(GROUPS)):
+        many, few = thresholds_by_rank(train_counts)
+        used = "rank"
+        text = f"by rank (top/bottom third of classes): many > {many}, few < {few} training images"
+    else:
+        used = "official"
+        text = f"official: many > {many}, few < {few} training images"
+    return {"rule": used, "requested": rule, "many": many, "few": few, "description": text}
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, train_counts: list[int],
+                    class_names: list[str], thresholds: dict[str, Any]) -> dict[str, Any]:
+    """Overall, class-mean, many/medium/few accuracies (percent) and the per-class rows."""
+    res = shot_accuracy(logits, labels, train_counts, thresholds["many"], thresholds["few"])
+    n_test = torch.bincount(torch.as_tensor(labels).long(), minlength=len(train_counts)).tolist()
+    rows = [{"class": i, "name": class_names[i], "train_count": int(train_counts[i]), "test_count": int(n_test[i]),
+             "accuracy": res["per_class"][i], "group": res["groups"][i]} for i in range(len(train_counts))]
+    rows.sort(key=lambda r: (-r["train_count"], r["class"]))
+    return {**{k: res[k] for k in ("all", "class_mean", *GROUPS)}, "per_class": rows}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """``[(label, metrics), ...]`` -> overall / class-mean / many / medium / few columns."""
+    width = max([len("method")] + [len(label) for label, _ in rows])
+    lines = [f"{'method':<{width}}  {'overall':>7}  {'cls-mean':>8}  {'many':>6}  {'medium':>6}  {'few':>6}"]
+    for label, m in rows:
+        lines.append(f"{label:<{width}}  {_pct(m['all']):>7}  {_pct(m['class_mean']):>8}  {_pct(m['many']):>6}  "
+                     f"{_pct(m['medium']):>6}  {_pct(m['few']):>6}")
+    return "\n".join(lines)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Summary table (joint vs decoupled) and per-class accuracies, as printed by ``decouple``."""
+    thr = results["thresholds"]
+    title = (f"decouple {results['method']} on {results['dataset']} {results['test_split']} "
+             f"(source {results['source']})")
+    head = [title, f"groups: {thr['description']}"]
+    info = results.get("info") or {}
+    if "tau" in info:
+        head.append(f"tau = {info['tau']} ({info.get('tau_source')})")
+    table = format_table([(f"joint ({results['joint_head']})", results["joint"]),
+                          (results["method"], results["metrics"])])
+    width = max(len("class"), *(len(str(r["name"])) for r in results["metrics"]["per_class"]))
+    per = [f"{'class':<{width}}  {'train':>6}  {'group':<6}  {'joint':>6}  {results['method']:>8}"]
+    joint_acc = {r["class"]: r["accuracy"] for r in results["joint"]["per_class"]}
+    for r in results["metrics"]["per_class"]:
+        per.append(f"{r['name']:<{width}}  {r['train_count']:>6}  {r['group']:<6}  {_pct(joint_acc[r['class']]):>6}  "
+                   f"{_pct(r['accuracy']):>8}")
+    return "\n".join(head + [table, ""] + per + [f"wrote {results['checkpoint']} (+ .json)"])
