@@ -342,3 +342,22 @@ def test_cli_generalized_eval_and_report(tmp_path):
     r = run_cli("eval", "--checkpoint", str(run), "--calibration", "bias", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--generalized" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("name", __import__("lowshot.heads", fromlist=["list_heads"]).list_heads())
+def test_base_classifier_of_every_head_reproduces_its_eval_logits(name):
+    """``BaseClassifier.from_head`` reads each head's ``score_form``: the linear form it builds scores
+    exactly like the head in eval mode (margins off), for every registered head."""
+    from lowshot.heads import create_head
+    g = torch.Generator().manual_seed(0)
+    head = create_head(name, 4, 6)
+    if name == "ncm":
+        head.fit(torch.randn(20, 6, generator=g), torch.arange(4).repeat(5))
+    x = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    clf = BaseClassifier.from_head(head)
+    w, b = clf.rows(torch.float64, "cpu")
+    scores = clf.scale * (clf.project(x) @ w.t() + b)
+    expected = head.double().eval()(x)
+    if name == "ncm":   # l2 NCM rows are 2 mu, -|mu|^2: the head's -|q - mu|^2 up to -|q|^2 per query
+        expected = expected + clf.project(x).square().sum(1, keepdim=True)
+    torch.testing.assert_close(scores, expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,11 @@ class NegSoftmaxHead(Head):
             assert labels is not None
             logits = replace_target(logits, labels, target_values(logits, labels) - self.margin)
         return self.scale * logits
+
+    def score_form(self) -> dict[str, Any]:
+        """Scale kept apart from the rows: novel rows added next to them train at the same scale."""
+        b = None if self.bias is None else self.bias.detach()
+        return {"kind": "linear", "weight": self.weight.detach(), "scale": float(self.scale), "bias": b}
 
     def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """s (W f + b): the scale folded into the classifier."""

@@ -7,6 +7,7 @@ s; they differ only in how the training-time margin m treats the target class y.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ class _AngularHead(Head):
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """cos(theta_j) = <x/|x|, w_j/|w_j|>, shape (N, num_classes)."""
         return F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+
+    def score_form(self) -> dict[str, Any]:
+        return {"kind": "cosine", "weight": self.weight.detach(), "scale": float(self.scale)}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, margin={self.margin}, scale={self.scale}"

@@ -26,6 +26,8 @@ fine-tuned like a prototype layer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +128,10 @@ class NCMHead(Head):
         self.center.copy_(mu)
         self.weight.copy_(means)
         return self
+
+    def score_form(self) -> dict[str, Any]:
+        return {"kind": "ncm", "weight": self.weight.detach(), "scale": 1.0, "center": self.center.detach(),
+                "metric": self.metric}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, metric={self.metric!r}"

@@ -142,6 +142,16 @@ class Head(nn.Module):
         raise ConfigError(f"the checkpoint's head {self.head_name!r} is not an inner-product classifier "
                           f"(eval logits = W f + b; it does not implement Head.linear_parts); use crt or ncm")
 
+    def score_form(self) -> dict[str, Any]:
+        """Eval logits as ``scale * (phi(x) . w_j + b_j)``: ``{kind, weight, scale, bias, center, metric}``.
+
+        ``kind`` ``linear`` (phi(x) = x), ``cosine`` (x and rows normalised) or ``ncm`` (centred,
+        normalised x against class means). Generalized few-shot adds novel rows in this form
+        (``BaseClassifier.from_head``); the default is the ``linear_parts`` at scale 1.
+        """
+        weight, bias = self.linear_parts()
+        return {"kind": "linear", "weight": weight, "scale": 1.0, "bias": bias}
+
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
 

@@ -56,23 +56,16 @@ class BaseClassifier:
     @classmethod
     def from_head(cls, head: torch.nn.Module) -> BaseClassifier:
         """The trained head of a checkpoint as a base classifier (margins are training-only)."""
-        from ...heads import ArcFaceHead, CosineHead, LinearHead, NegSoftmaxHead, VirtualSoftmaxHead
-        from ...heads.ncm import NCMHead
-        w = head.weight.detach().float().cpu()
-        if isinstance(head, (CosineHead, ArcFaceHead)):
-            return cls(w, "cosine", float(head.scale))
-        if isinstance(head, NegSoftmaxHead):
-            b = None if head.bias is None else head.bias.detach().float().cpu()
-            return cls(w, "linear", float(head.scale), b)
-        if isinstance(head, LinearHead):
-            b = None if head.bias is None else head.bias.detach().float().cpu()
-            return cls(w, "linear", 1.0, b)
-        if isinstance(head, VirtualSoftmaxHead):
-            return cls(w, "linear", 1.0)   # eval-mode logits are W x
-        if isinstance(head, NCMHead):
-            return cls(w, "ncm", 1.0, center=head.center.detach().float().cpu(), metric=head.metric)
-        raise ConfigError(f"generalized few-shot has no rule for head {type(head).__name__}; "
-                          f"use method=ncm with base training features")
+        try:
+            form = head.score_form()   # each head states its eval logits (lowshot.heads.Head.score_form)
+        except (AttributeError, ConfigError):
+            raise ConfigError(f"generalized few-shot needs the head's eval logits in linear form, which head "
+                              f"{getattr(head, 'head_name', type(head).__name__)!r} does not give "
+                              f"(Head.score_form); use method=ncm with base training features") from None
+        tensors = {k: None if v is None else v.detach().float().cpu()
+                   for k, v in form.items() if k in ("weight", "bias", "center")}
+        return cls(tensors["weight"], form["kind"], float(form.get("scale", 1.0)), tensors.get("bias"),
+                   tensors.get("center"), form.get("metric", "cosine"))
 
     @classmethod
     def ncm(cls, features: Any, labels: Any, metric: str = "cosine") -> BaseClassifier:
