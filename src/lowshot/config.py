@@ -20,6 +20,7 @@ from typing import Any, Iterable, Union
 import yaml
 
 from .errors import ConfigError
+from .registry import convert
 
 
 @dataclass
@@ -212,48 +213,23 @@ _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against type hint ``tp``; ints are accepted where floats are expected."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
+    """Check ``value`` against type hint ``tp`` with the registries' checker (``registry.convert``:
+    ints are accepted where floats are expected); YAML's ``1e-3`` (a string to PyYAML) is a float."""
+    value = _yaml_floats(value, tp)
+    ok, out = convert(value, tp)
+    if not ok:
         raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r} ({type(value).__name__})")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # PyYAML reads '1e-3' (no dot) as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - only the types above are used in the tree
-        return value
-    raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return copy.deepcopy(out) if isinstance(out, (dict, list)) else out
+
+
+def _yaml_floats(value: Any, tp: Any) -> Any:
+    """PyYAML reads ``1e-3`` (no dot) as a string: read it as the float the hint asks for."""
+    args = typing.get_args(tp)
+    if isinstance(value, str) and (tp is float or float in args) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    if isinstance(value, (list, tuple)) and typing.get_origin(tp) in (list, tuple) and args[:1] == (float,):
+        return [_yaml_floats(v, float) for v in value]
+    return value
 
 
 def _unknown(key: str) -> ConfigError:
