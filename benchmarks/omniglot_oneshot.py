@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args.checkpoint, args.split, args.methods, args.protocols, args.episodes, args.query, args.seed)
     run_dir = Path(results[0]["checkpoint"]).parent
     out = Path(args.out) if args.out else run_dir / f"oneshot_{args.split}_{'-'.join(args.methods)}.json"
-    from lowshot.checkpoint import write_text_atomic
+    from lowshot.fileio import write_text_atomic
     write_text_atomic(out, json.dumps(results, indent=1))
     print(f"wrote {out}")
     return 0

@@ -48,7 +48,7 @@ def lowshot_loop(cfg, workdir: Path, i: int) -> float:
     """Seconds of the trainer's second (warm) epoch."""
     from lowshot.train import train
     train(cfg, workdir / f"run{i}", overwrite=True, log=lambda _m: None)
-    from lowshot.utils import read_jsonl
+    from lowshot.fileio import read_jsonl
     return float(read_jsonl(workdir / f"run{i}" / "metrics.jsonl")[-1]["epoch_seconds"])
 
 

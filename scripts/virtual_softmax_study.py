@@ -80,7 +80,8 @@ def run_one(out: Path, dataset: str, head: str, seed: int, log: Any = print) -> 
     from lowshot.config import load_config
     from lowshot.inference import extract_features
     from lowshot.models import model_from_checkpoint
-    from lowshot.checkpoint import load_checkpoint, write_text_atomic
+    from lowshot.checkpoint import load_checkpoint
+    from lowshot.fileio import write_text_atomic
     from lowshot.train import load_split, make_transforms, train
     rdir = out / dataset / head / f"seed{seed}"
     done = rdir / "result.json"

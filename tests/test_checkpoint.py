@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from lowshot.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from lowshot.checkpoint import load_checkpoint, save_checkpoint
+from lowshot.fileio import atomic_write
 from lowshot.errors import CheckpointError
 
 

@@ -25,7 +25,7 @@ from lowshot.distributed import (CrossRankBatchNorm, all_gather_cat, all_reduce,
                                  rank0_decides, rank0_first, shard_indices)
 from lowshot.errors import ConfigError
 from lowshot.train import FiniteGuard, TrainingDiverged, rank_seed, train
-from lowshot.utils import read_jsonl
+from lowshot.fileio import read_jsonl
 
 from conftest import ROOT, needs_fmnist
 

@@ -19,7 +19,7 @@ from lowshot.errors import DataError
 from lowshot.fewshot import sample_episodes
 from lowshot.longtail import build_sampler
 from lowshot.train import train
-from lowshot.utils import read_jsonl
+from lowshot.fileio import read_jsonl
 
 from conftest import ROOT, needs_fmnist
 

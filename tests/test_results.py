@@ -120,7 +120,7 @@ def test_sweep_result_and_summary_round_trip(tmp_path):
 def test_long_tail_sweep_shows_the_held_out_accuracy(tmp_path):
     """A long-tail config has no base split: the table shows the accuracy on its test split (val), not '-'."""
     from lowshot.pipelines import sweep_with_summary
-    from lowshot.utils import read_jsonl
+    from lowshot.fileio import read_jsonl
     out = tmp_path / "lt"
     res = sweep_with_summary(LT_CFG, {"optim.lr": [0.05]}, out, overrides=["train.epochs=1",
                              "train.max_steps_per_epoch=2", "train.batch_size=32", "train.progress=false"], log=quiet)

@@ -21,11 +21,12 @@ import pytest
 import torch
 import yaml
 
-from lowshot.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text_atomic
+from lowshot.checkpoint import load_checkpoint, save_checkpoint
+from lowshot.fileio import atomic_write, write_text_atomic
 from lowshot.cli import main
 from lowshot.config import load_config
 from lowshot.train import lr_at, train
-from lowshot.utils import read_jsonl
+from lowshot.fileio import read_jsonl
 
 from conftest import ROOT, needs_fmnist
 

@@ -11,7 +11,7 @@ import pytest
 from lowshot.config import Config, load_config
 from lowshot.tblog import TensorBoardLog
 from lowshot.train import TrainingDiverged, lr_at, train
-from lowshot.utils import read_jsonl
+from lowshot.fileio import read_jsonl
 
 from conftest import ROOT, needs_fmnist
 

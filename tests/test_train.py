@@ -7,7 +7,7 @@ from lowshot.checkpoint import load_checkpoint
 from lowshot.config import Config, load_config
 from lowshot.errors import ConfigError
 from lowshot.train import TrainingDiverged, lr_at, train
-from lowshot.utils import read_jsonl
+from lowshot.fileio import read_jsonl
 
 from conftest import ROOT, needs_fmnist
 

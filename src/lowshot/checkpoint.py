@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_write, write_text_atomic  # noqa: F401  (what every writer of run files imports)
+from .fileio import atomic_write
 
 CHECKPOINT_VERSION = 1
 

@@ -104,6 +104,6 @@ def _quiet_sweep(log: Any) -> Any:
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
-    from .utils import read_jsonl
+    from .fileio import read_jsonl
     records = read_jsonl(run_dir / "metrics.jsonl")
     return bool(records) and records[-1]["epoch"] >= epochs

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 from .data.io import list_images, load_image
 from .errors import DataError
 from .inference import FrozenRun

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 
 CACHE_VERSION = 1
 

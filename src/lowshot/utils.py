@@ -10,7 +10,6 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .fileio import append_jsonl, read_jsonl, truncate_jsonl  # noqa: F401  (moved; importers updated last)
 
 # import name -> (pip package, pyproject extra)
 OPTIONAL = {"safetensors": ("safetensors", "safetensors"), "sklearn": ("scikit-learn", "test"),

@@ -108,7 +108,7 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
             result["projections"][kind] = path.name
     log(format_phi_table(result))
     if out is not None:
-        from ..checkpoint import write_text_atomic
+        from ..fileio import write_text_atomic
         record = PhiAnalysis.from_dict(result, str(out / "analysis.json"))  # the record the report reads
         write_text_atomic(out / "analysis.json", json.dumps(record.to_dict(), indent=2))
         log(f"wrote {out / 'analysis.json'}" + "".join(f", {out / p}" for p in result["projections"].values()))

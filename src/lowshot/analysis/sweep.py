@@ -102,7 +102,8 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any], name: s
     for few-shot configs, ``val_acc`` / ``test_acc`` for long-tail ones, ``lowshot.train.held_out_key``)."""
     from ..inference import FrozenRun
     from ..train import held_out_key
-    from ..utils import read_jsonl, resolve_device
+    from ..utils import resolve_device
+    from ..fileio import read_jsonl
     from .analyze import split_features, split_report
     ckpt_path = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     device = resolve_device(cfg.train.device)
@@ -210,7 +211,8 @@ def _plan(base: Config, grid: Mapping[str, Sequence[Any]], seeds: Sequence[int] 
 def _run_point(rdir: Path, point: dict[str, Any], name: str, cfg: Config, protocol: dict[str, Any], tag: str,
                log: Callable[[str], None]) -> SweepPoint:
     """Reuse, re-evaluate, resume or train one (point, seed) run; its result (``error`` if diverged)."""
-    from ..checkpoint import load_checkpoint, write_text_atomic
+    from ..checkpoint import load_checkpoint
+    from ..fileio import write_text_atomic
     from ..train import train
     wanted = to_dict(cfg)
     res_path = rdir / "result.json"
@@ -244,7 +246,7 @@ def _run_point(rdir: Path, point: dict[str, Any], name: str, cfg: Config, protoc
 
 
 def _write_results(out: Path, summary: SweepSummary) -> None:
-    from ..checkpoint import write_text_atomic
+    from ..fileio import write_text_atomic
     write_text_atomic(out / "sweep.json", json.dumps(summary.to_dict(), indent=2))
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_text_atomic
+from ..fileio import write_text_atomic
 from ..errors import ConfigError
 from ..inference import FrozenRun
 from .api import default_eval_name, format_table, given as _given

@@ -179,7 +179,7 @@ def run_features_eval(path: str | Path, *, way: int | None = None, shots: Sequen
     of the file. Returns the record written to ``out`` (default: ``eval_<stem>_features_<method>_<protocol>.json``
     next to FILE, with the protocol in the name as for checkpoints).
     """
-    from ..checkpoint import write_text_atomic
+    from ..fileio import write_text_atomic
     from ..config import EvalConfig
     from ..utils import resolve_device
     from .api import default_eval_name, evaluate, format_table, given, method_kwargs_for_head
@@ -247,7 +247,8 @@ def run_features_generalized(path: str | Path, *, base_features: str | Path,
     episodes of every calibration but ``none``. Protocol defaults: ``EvalConfig``'s, or the
     checkpoint config's ``eval`` section when a checkpoint is given. Returns the ``GeneralizedReport``.
     """
-    from ..checkpoint import load_checkpoint, resolve_checkpoint_path, write_text_atomic
+    from ..checkpoint import load_checkpoint, resolve_checkpoint_path
+    from ..fileio import write_text_atomic
     from ..config import EvalConfig, config_from_checkpoint
     from ..utils import resolve_device
     from .generalized import BaseClassifier, evaluate_generalized, format_generalized_table, split_heldout

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from ..checkpoint import write_text_atomic
+from ..fileio import write_text_atomic
 from ..errors import ConfigError
 from ..inference import FrozenRun
 from .api import evaluate, method_kwargs_for_head

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoint import save_checkpoint, write_text_atomic
+from ..checkpoint import save_checkpoint
+from ..fileio import write_text_atomic
 from ..data.longtail import class_counts
 from ..errors import ConfigError
 from ..inference import FrozenRun

@@ -288,7 +288,7 @@ def generalized_section(c: Collected, figs: _Figs) -> Section:
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and the figure PNGs into ``out_dir``."""
-    from ..checkpoint import write_text_atomic
+    from ..fileio import write_text_atomic
     from ..errors import DataError
     if not run_dirs:
         raise DataError("lowshot report needs at least one RUN_DIR")

@@ -91,7 +91,7 @@ def _generalized(data: Any, where: str) -> Any:
 
 
 def _read_run(d: Path, label: str, notes: list[str]) -> Run:
-    from ..utils import read_jsonl
+    from ..fileio import read_jsonl
     run = Run(path=d, label=label)
     if (d / "config.yaml").is_file():
         import yaml

@@ -32,7 +32,7 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> Any:
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Atomic PNG write (a crash never leaves half an image next to a report)."""
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
     return atomic_write(Path(path), lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
 
 

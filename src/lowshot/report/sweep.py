@@ -118,7 +118,7 @@ def write_summary(out: str | Path, summary: SweepSummary | None = None, *, figur
                   log: Callable[[str], None] | None = None) -> None:
     """Write ``sweep.md`` and (``figure``) ``sweep.png`` of a sweep folder, and add the seed
     ``aggregate`` to its ``sweep.json``; ``summary`` defaults to the folder's ``sweep.json``."""
-    from ..checkpoint import write_text_atomic
+    from ..fileio import write_text_atomic
     from .figures import plot_sweep
     out = Path(out)
     if summary is None:
