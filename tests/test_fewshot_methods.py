@@ -209,7 +209,7 @@ def test_head_family_is_declared_at_registration():
         with pytest.raises(ValueError, match="family"):
             register_head("test_family_bad", family="nope")
     finally:
-        HEADS._items.pop("test_family_plugin", None)
+        HEADS.unregister("test_family_plugin")
 
 
 def test_validation_and_sweeps_use_the_family_fine_tune_head():

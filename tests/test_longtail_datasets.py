@@ -14,13 +14,21 @@ from lowshot.longtail import (apply_lws, class_counts, learn_lws, longtail_count
                               retrain_crt, select_tau, shot_accuracy, tau_normalize, thresholds_by_rank)
 
 FAKE = "_test_balanced_base"
-if FAKE not in DATASETS:
-    @register_dataset(FAKE)
-    def _fake(split, root=None, image_size=None, download=False, per_class=60):
-        n = per_class if split == "train" else 7
-        labels = torch.arange(5).repeat(n)
-        images = (torch.arange(labels.numel()) % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
-        return TensorImageDataset(images.contiguous(), labels, [f"c{i}" for i in range(5)])
+
+
+def _fake(split, root=None, image_size=None, download=False, per_class=60):
+    n = per_class if split == "train" else 7
+    labels = torch.arange(5).repeat(n)
+    images = (torch.arange(labels.numel()) % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    return TensorImageDataset(images.contiguous(), labels, [f"c{i}" for i in range(5)])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_base_dataset():
+    """Registered for this module's tests only, so other modules' registry-wide tests never see it."""
+    register_dataset(FAKE)(_fake)
+    yield
+    DATASETS.unregister(FAKE)
 
 
 def test_splits_on_a_balanced_base():
