@@ -145,8 +145,7 @@ def test_analyze_phi_matches_direct_computation(tiny_run):
     from lowshot.analysis import split_features
     from lowshot.inference import FrozenRun
     run = FrozenRun.open(tiny_run / "best.pt", device="cpu")
-    model, cfg, tf, ck = run.model, run.config, run.transform, run.checkpoint
-    feats = split_features(model, cfg, tf, ck["data"], "novel")
+    feats = split_features(run, "novel")
     want = class_statistics(feats["features"], feats["labels"], normalize=True).phi
     got = analyze_checkpoint(tiny_run / "best.pt", ["novel"], device="cpu", log=lambda _m: None)
     assert got["splits"]["novel"]["phi"] == pytest.approx(want, rel=1e-6)

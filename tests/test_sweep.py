@@ -343,15 +343,15 @@ def test_seeded_sweep_runs_each_point_seed_resumably(tmp_path, counted_train):
 
 @needs_omniglot
 def test_within_alphabet_protocol_groups_episodes_by_the_novel_alphabets(tmp_path, monkeypatch):
-    import lowshot.fewshot as fewshot
+    import lowshot.fewshot.protocol as protocol   # the one checkpoint-level meta-test (eval and sweep)
     seen = []
-    real = fewshot.evaluate
+    real = protocol.evaluate
 
     def spy(features, labels, **kw):
         seen.append((kw["way"], kw["shot"], kw.get("groups"), labels, kw["class_names"]))
         return real(features, labels, **kw)
 
-    monkeypatch.setattr(fewshot, "evaluate", spy)
+    monkeypatch.setattr(protocol, "evaluate", spy)
     cfg = ROOT / "configs" / "omniglot" / "margin_study.yaml"
     res = run_sweep(cfg, {"head.margin": [0.0]}, tmp_path / "om", seeds=[0], protocols=["5x1", "20x1@alphabet"],
                     episodes=10, overrides=[f"data.root={OMNIGLOT_DIR}", "train.epochs=1",

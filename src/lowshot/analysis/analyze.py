@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import Config
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..inference import FrozenRun
 from ..results import PhiAnalysis
 from .discriminability import discriminability, headline_space, project_2d
 
@@ -33,23 +34,12 @@ def resolve_split(cfg: Config, kind: str) -> str:
     raise ConfigError(f"unknown split kind {kind!r} (known: base, novel, both)")
 
 
-def split_features(model: torch.nn.Module, cfg: Config, transform: Callable[[torch.Tensor], torch.Tensor],
-                   data_meta: dict[str, Any], kind: str, *, device: torch.device | str = "cpu",
-                   batch_size: int = 256, show_progress: bool = True) -> dict[str, Any]:
-    """Features, labels and class names of the base or novel split of the checkpoint's dataset."""
-    from ..data import build_dataset
-    from ..inference import extract_features
-    split = resolve_split(cfg, kind)
-    d = cfg.data
-    ds = build_dataset(d.name, split, root=d.root, image_size=data_meta["image_size"], **d.options)
-    if len(ds) == 0:
-        raise DataError(f"dataset {d.name!r} split {split!r} is empty")
-    if ds.channels != data_meta["channels"]:
-        raise DataError(f"dataset {d.name!r} split {split!r} has {ds.channels}-channel images but the checkpoint "
-                        f"expects {data_meta['channels']}")
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    feats, labels = extract_features(backbone, ds, transform, batch_size, device, show_progress=show_progress,
-                                     desc=f"features ({split})")
+def split_features(run: FrozenRun, kind: str) -> dict[str, Any]:
+    """Features, labels and class names of the base or novel split of the run's dataset (the frozen
+    run's cached features: the same ones ``lowshot eval`` meta-tests)."""
+    split = resolve_split(run.config, kind)
+    feats, labels = run.features(split)
+    ds = run.dataset(split)
     return {"features": feats, "labels": labels, "class_names": list(ds.class_names), "split": split,
             "dataset": ds}  # dataset order = feature order: ds.sample_groups() lines up with the features
 
@@ -72,7 +62,6 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
 
     ``splits``: "base" and/or "novel"; None = base, plus novel when the config names a novel split.
     """
-    from ..inference import FrozenRun
     from ..utils import resolve_device
     if projection is not None and projection not in ("pca", "tsne"):
         raise ConfigError(f"unknown projection {projection!r} (known: pca, tsne)")
@@ -86,8 +75,8 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
             from ..utils import require
             require("sklearn.manifold", "--projection tsne")
     dev = resolve_device(device)
-    run = FrozenRun.open(checkpoint, device=dev)
-    model, cfg, transform, ckpt = run.model, run.config, run.transform, run.checkpoint
+    run = FrozenRun.open(checkpoint, device=dev, batch_size=batch_size)
+    cfg, ckpt = run.config, run.checkpoint
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "epoch": ckpt.get("epoch"), "dataset": cfg.data.name,
         "backbone": cfg.model.backbone, "head": cfg.head.name, "margin": cfg.head.margin,
@@ -97,7 +86,7 @@ def analyze_checkpoint(checkpoint: str | Path, splits: Sequence[str] | None = No
     if splits is None:
         splits = ["base"] + (["novel"] if cfg.data.novel_split else [])
     for kind in splits:
-        feats = split_features(model, cfg, transform, ckpt["data"], kind, device=dev, batch_size=batch_size)
+        feats = split_features(run, kind)
         result["splits"][kind] = split_report(feats, cfg.head.name)
         if projection is not None and out is not None:
             path = out / f"projection_{kind}.png"

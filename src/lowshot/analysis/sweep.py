@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config, load_config, to_dict
 from ..errors import ConfigError
+from ..inference import FrozenRun
 from ..results import SEED_KEY, PhiSplit, Protocol, SweepPoint, SweepSummary, fewshot_items, parse_protocol, point_name
 from .grid import _flat, config_difference, expand_grid, point_config
 
@@ -71,22 +72,16 @@ def check_protocol_groups(cfg: Config, protocol: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- one point
 
 
-def _novel_fewshot(feats: dict[str, Any], cfg: Config, protocol: dict[str, Any], device: Any,
-                   log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Every protocol of ``protocol["protocols"]`` on the novel features (same episodes per seed)."""
-    from ..fewshot import evaluate
-    from ..train import _fewshot_method_kwargs
-    kw = _fewshot_method_kwargs(cfg, protocol["method"], protocol["options"])
-    groups: dict[str, list[Any]] = {}
+def _novel_fewshot(run: FrozenRun, protocol: dict[str, Any], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Every protocol of ``protocol["protocols"]`` on the novel split (the same episodes per seed),
+    through the one checkpoint-level meta-test, ``fewshot.protocol.evaluate_run``."""
+    from ..fewshot.protocol import evaluate_run
     out = {}
     for label in protocol["protocols"]:
         p = parse_protocol(label)
-        if p.within and p.within not in groups:
-            groups[p.within] = feats["dataset"].sample_groups(p.within)
-        res = evaluate(feats["features"], feats["labels"], way=p.way, shot=p.shot,
-                       query=protocol["query"], episodes=protocol["episodes"], method=protocol["method"],
-                       seed=protocol["seed"], device=device, class_names=feats["class_names"],
-                       groups=groups.get(p.within) if p.within else None, **kw)
+        res, = evaluate_run(run, run.config.data.novel_split, way=p.way, shots=[p.shot], query=protocol["query"],
+                            episodes=protocol["episodes"], method=protocol["method"], seed=protocol["seed"],
+                            options=protocol["options"], within=p.within)
         out[label] = {"mean": float(res["mean"]), "ci95": float(res["ci95"]), "way": p.way, "shot": p.shot,
                       "within": p.within}
         log(f"  novel {p.title} ({protocol['method']}, {protocol['episodes']} "
@@ -100,15 +95,14 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any], name: s
 
     ``held_out_acc`` is the logged accuracy on ``data.test_split`` whatever its name (``base_acc``
     for few-shot configs, ``val_acc`` / ``test_acc`` for long-tail ones, ``lowshot.train.held_out_key``)."""
-    from ..inference import FrozenRun
     from ..train import held_out_key
     from ..utils import resolve_device
     from ..fileio import read_jsonl
     from .analyze import split_features, split_report
     ckpt_path = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     device = resolve_device(cfg.train.device)
-    run = FrozenRun.open(ckpt_path, device=device)
-    model, transform, ckpt = run.model, run.transform, run.checkpoint
+    run = FrozenRun.open(ckpt_path, device=device, batch_size=cfg.train.eval_batch_size)
+    ckpt = run.checkpoint
     records = read_jsonl(run_dir / "metrics.jsonl")
     at_ckpt = next((r for r in records if r.get("epoch") == ckpt.get("epoch")), {})
     final = records[-1] if records else {}
@@ -118,13 +112,12 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any], name: s
                         held_out_split=cfg.data.test_split, held_out_acc=at_ckpt.get(held_out_key(cfg)),
                         protocol=protocol, config=to_dict(cfg))
     for kind in ["base"] + (["novel"] if cfg.data.novel_split else []):
-        feats = split_features(model, cfg, transform, ckpt["data"], kind, device=device,
-                               batch_size=cfg.train.eval_batch_size)
+        feats = split_features(run, kind)
         rep = split_report(feats, cfg.head.name)
         rep.pop("class_names")
         result.phi[kind] = PhiSplit.from_dict(rep, f"{run_dir} phi {kind}")
         if kind == "novel":
-            result.fewshot = _novel_fewshot(feats, cfg, protocol, device, log)
+            result.fewshot = _novel_fewshot(run, protocol, log)
     return result
 
 
