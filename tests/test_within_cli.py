@@ -171,3 +171,41 @@ def test_embed_split_writes_alphabets_and_features_within_equals_checkpoint(omni
     ra, rb = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert ra["within"] == rb["within"] == "alphabet"
     assert ra["results"][0]["accuracies"] == rb["results"][0]["accuracies"]
+
+
+def test_embedding_variant_trains_on_every_alphabet_and_embed_serves_it(tmp_path):
+    """configs/omniglot/embedding.yaml: every character of every alphabet (+ rotations) is a training
+    class, nothing is held out, and ``lowshot embed`` turns raw character PNGs into its features,
+    the same ones the model computes on the training images."""
+    import zipfile
+
+    import numpy as np
+
+    from lowshot.data import build_dataset
+    from lowshot.inference import FrozenRun
+    cfg = str(ROOT / "configs" / "omniglot" / "embedding.yaml")
+    run = tmp_path / "emb"
+    r = run_cli("train", cfg, f"data.root={OMNIGLOT_DIR}", "train.epochs=1", "train.max_steps_per_epoch=2",
+                "train.progress=false", "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr
+    frozen = FrozenRun.open(run, device="cpu")
+    every = build_dataset("omniglot", "train", root=str(OMNIGLOT_DIR), image_size=frozen.metadata["image_size"])
+    alphabets = {n.split("/")[0] for n in every.class_names}
+    assert len(alphabets) == 8 and len(frozen.class_names) == 4 * every.num_classes  # + 3 rotations each
+    assert frozen.config.data.test_split is None and frozen.config.data.novel_split is None
+    folder = tmp_path / "chars"
+    folder.mkdir()
+    with zipfile.ZipFile(OMNIGLOT_DIR / "images_background_small1.zip") as z:
+        pngs = sorted(n for n in z.namelist() if n.endswith(".png"))[:3]
+        for i, name in enumerate(pngs):
+            (folder / f"{i}.png").write_bytes(z.read(name))
+    out = tmp_path / "chars.npz"
+    r = run_cli("embed", "--checkpoint", str(run), "--images", str(folder), "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    z = np.load(out, allow_pickle=False)
+    assert z["features"].shape == (3, frozen.model.backbone.out_dim) and np.isfinite(z["features"]).all()
+    # the first PNG of the zip is the first image of the first character: the features of the raw file
+    # equal the backbone's features of that training image (same preprocessing, stored in the checkpoint)
+    with torch.no_grad():
+        ref = frozen.model.backbone(frozen.transform(every[0][0][None]))[0]
+    np.testing.assert_allclose(z["features"][0], ref.numpy(), atol=1e-4)
