@@ -247,9 +247,8 @@ def run_features_generalized(path: str | Path, *, base_features: str | Path,
     episodes of every calibration but ``none``. Protocol defaults: ``EvalConfig``'s, or the
     checkpoint config's ``eval`` section when a checkpoint is given. Returns the ``GeneralizedReport``.
     """
-    from ..checkpoint import load_checkpoint, resolve_checkpoint_path
     from ..fileio import write_text_atomic
-    from ..config import EvalConfig, config_from_checkpoint
+    from ..config import EvalConfig
     from ..utils import resolve_device
     from .generalized import BaseClassifier, evaluate_generalized, format_generalized_table, split_heldout
     novel = load_feature_file(path)
@@ -261,16 +260,14 @@ def run_features_generalized(path: str | Path, *, base_features: str | Path,
                               "base_val_fraction": base_val_fraction}
     ref_names = base.class_names
     if checkpoint is not None:
-        ckpt_path = resolve_checkpoint_path(checkpoint)
-        ckpt = load_checkpoint(ckpt_path)
-        from ..models import model_from_checkpoint
-        model, cfg = model_from_checkpoint(ckpt)
-        e = cfg.eval
-        ref_names = list(ckpt.get("class_names") or []) or None
-        _same_classes(base, ref_names, f"the checkpoint's base classes ({ckpt_path})")
-        source.update(checkpoint=str(ckpt_path), head=cfg.head.name, margin=cfg.head.margin)
+        from ..inference import FrozenRun
+        run = FrozenRun.open(checkpoint, device="cpu")   # its head and config only: no dataset is read
+        e = run.config.eval
+        ref_names = run.class_names or None
+        _same_classes(base, ref_names, f"the checkpoint's base classes ({run.path})")
+        source.update(checkpoint=str(run.path), head=run.head_name, margin=run.config.head.margin)
         if method != "ncm":
-            clf = BaseClassifier.from_head(model.head)
+            clf = BaseClassifier.from_head(run.model.head)
     arrays: dict[str, Any] = {}
     if clf is None:
         if base_train_features is None:
