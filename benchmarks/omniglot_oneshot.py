@@ -1,6 +1,6 @@
 """Omniglot one-shot benchmark of a trained run: Lake et al.'s within-alphabet episodes.
 
-Every episode draws all of its classes from ONE alphabet (``split_features(..., within="alphabet")``
+Every episode draws all of its classes from ONE alphabet (``fewshot.protocol.evaluate_run(..., within="alphabet")``
 feeding ``evaluate(..., groups=)``, the path of ``lowshot eval --within alphabet``),
 which is harder than drawing them across alphabets: characters of one script look alike.
 Prints a markdown table (method x protocol, mean ± ci95 in percent) and writes every number to
