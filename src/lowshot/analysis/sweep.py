@@ -101,7 +101,9 @@ def evaluate_point(run_dir: Path, cfg: Config, protocol: dict[str, Any], name: s
     from .analyze import split_features, split_report
     ckpt_path = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     device = resolve_device(cfg.train.device)
-    run = FrozenRun.open(ckpt_path, device=device, batch_size=cfg.train.eval_batch_size)
+    # no feature cache in a point's folder: each point is evaluated once, and its folder must hold only
+    # what training wrote (a point stopped before its first checkpoint is restarted from an empty one)
+    run = FrozenRun.open(ckpt_path, device=device, batch_size=cfg.train.eval_batch_size, cache=False)
     ckpt = run.checkpoint
     records = read_jsonl(run_dir / "metrics.jsonl")
     at_ckpt = next((r for r in records if r.get("epoch") == ckpt.get("epoch")), {})
