@@ -5,8 +5,8 @@ transform; ``run.dataset(split)`` builds a split of the checkpoint's dataset che
 checkpoint (channels; with ``same_classes`` also the class list, which a stage-2 classifier needs);
 ``run.features(split)`` extracts that split's features once, caching them on disk under
 ``<run_dir>/features/`` with ONE key (``feature_cache``: the backbone's weights, the dataset split
-and the test-time preprocessing), so ``eval``, ``decouple``, ``analyze``, ``sweep`` and
-``generalized`` share entries. ``embed`` and ``report`` read runs through it too.
+and the test-time preprocessing), so ``eval``, ``decouple``, ``analyze`` and ``generalized``
+share entries; ``embed`` and ``sweep`` open runs through it too, without the disk cache.
 """
 from __future__ import annotations
 
