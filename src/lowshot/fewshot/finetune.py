@@ -168,12 +168,18 @@ def _solve(cfg: FinetuneConfig, A: Tensor, bias: Tensor, coords: Tensor, perms: 
     rows = flat.t().contiguous() if flat.dtype != torch.float32 else None
     buf = torch.zeros_like(A)
     bbuf = torch.zeros_like(bias)
+    prod = torch.empty_like(A[:r])                                      # reused work buffers
+    numb = torch.empty(min(bsz, n), way, e, dtype=A.dtype, device=A.device)
+    sq = torch.empty_like(A)
     span, bspan = A[:r], buf[:r]
     xp = yp = A  # set at each pass start
+    # Every pass's support order as [passes, n, E] int64 at once: a per-pass int16 -> int64
+    # strided copy cost about as much as the pass's column gather (int32 arithmetic is slower).
+    orders = perms.to(A.device).permute(1, 2, 0).to(torch.int64).contiguous()
     for t in range(steps):
         p, j = divmod(t, per_pass)
         if j == 0:
-            order = perms[:, p].to(A.device, torch.int64).t()            # [n, E]
+            order = orders[p]                                            # [n, E]
             index = (order * e + ar).reshape(-1)
             if rows is None:   # float32: a column gather is fastest
                 xp = flat.index_select(1, index).view(r, n, e)
@@ -185,9 +191,11 @@ def _solve(cfg: FinetuneConfig, A: Tensor, bias: Tensor, coords: Tensor, perms: 
         first = t == 0
         c = 1.0 if (first or mom == 0) else 1.0 - float(cfg.dampening)
         m = 0.0 if first else mom
-        num = (xb.unsqueeze(2) * span.unsqueeze(1)).sum(0)              # [b, way, E] = w_c . x_b
+        num = numb[:b]                                                    # [b, way, E] = w_c . x_b
+        for i in range(b):   # per sample: a [r, way, E] product stays in cache, [r, b, way, E] did not
+            torch.sum(torch.mul(span, xb[:, i].unsqueeze(1), out=prod), 0, out=num[i])
         if cosine:
-            inv = A.square().sum(0).rsqrt_()                              # 1 / |w_c|
+            inv = torch.mul(A, A, out=sq).sum(0).rsqrt_()                 # 1 / |w_c| (mul: pow is slower)
             logits = num * (inv * scale)
         else:
             logits = num + bias if use_bias else num.clone()
