@@ -18,9 +18,9 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .basis import gather_rows, inverse_norms, sub_chunk_size
+from .basis import gather_into, gather_rows, inverse_norms, sub_chunk_size
 from .finetune import FinetuneConfig, finetune_scores
-from .logreg import _gather, logreg_scores
+from .logreg import logreg_scores
 from .reference import finetune_reference
 
 EVALUATORS: Registry = Registry("few-shot method")
@@ -165,8 +165,8 @@ class NearestClassMean(FewShotMethod):
         buf = table.new_empty(min(step, e) * way * m, dim)
         for s in range(0, e, step):
             k = min(step, e - s)
-            proto = _gather(table, sup[s:s + k], buf).view(k, way, shot, dim).mean(2)
-            q = _gather(table, qry[s:s + k], buf)
+            proto = gather_into(table, sup[s:s + k], buf).view(k, way, shot, dim).mean(2)
+            q = gather_into(table, qry[s:s + k], buf)
             dots = torch.bmm(q, proto.transpose(1, 2))                    # [k, nq, way]
             p2 = proto.square().sum(-1).unsqueeze(1)
             q2 = sq[qry[s:s + k]].unsqueeze(-1)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .basis import gather_rows, inverse_norms, sub_chunk_size, support_basis
+from .basis import GATHER_BUDGET, gather_into, inverse_norms, support_basis
 
 PRESETS = ("mmfewshot", "bl0")
 _RNG_BLOCK = 64          # episodes per generator: draws do not depend on chunk_size
@@ -252,16 +252,20 @@ def finetune_scores(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, sho
     s_sup = inv[support] if cosine else torch.ones(e, n, dtype=f64, device=dev)
     gram = torch.empty(e, n, n, dtype=f64, device=dev)
     cross = torch.empty(e, way, n, dtype=f64, device=dev)
-    w0n2 = torch.empty(e, way, dtype=f64, device=dev)
-    sub = sub_chunk_size(n + way, dim)
+    w0f = w0.to(features.dtype)
+    w0n2 = w0f.square().sum(-1).to(f64)
+    sub = max(1, GATHER_BUDGET // (n * dim))
+    buf = features.new_empty(min(sub, e) * n, dim)
+    buf64 = buf if features.dtype == f64 else torch.empty(buf.shape, dtype=f64, device=dev)
     for s in range(0, e, sub):
-        x = gather_rows(features, support[s:s + sub])
-        w = w0[s:s + sub].to(features.dtype)
-        sc = s_sup[s:s + sub]
-        x64 = x.to(f64)   # the Gram matrix sets the basis: float64; the rest: features' precision
-        gram[s:s + sub] = torch.bmm(x64, x64.transpose(1, 2)) * sc.unsqueeze(1) * sc.unsqueeze(2)
-        cross[s:s + sub] = torch.bmm(w, x.transpose(1, 2)).to(f64) * sc.unsqueeze(1)
-        w0n2[s:s + sub] = w.square().sum(-1).to(f64)
+        k = min(sub, e - s)
+        x = gather_into(features, support[s:s + k], buf)
+        # The Gram matrix sets the basis: float64; the rest: the features' precision.
+        x64 = x if buf64 is buf else buf64[:k * n].view(k, n, dim).copy_(x)
+        torch.bmm(x64, x64.transpose(1, 2), out=gram[s:s + k])
+        cross[s:s + k] = torch.bmm(w0f[s:s + k], x.transpose(1, 2))
+    gram.mul_(s_sup.unsqueeze(1) * s_sup.unsqueeze(2))
+    cross.mul_(s_sup.unsqueeze(1))
     coords, transform = support_basis(gram)
     a0 = torch.bmm(cross, transform.transpose(1, 2))                  # [e, way, n]
     res2 = (w0n2 - a0.square().sum(-1)).clamp_min(0)
@@ -280,15 +284,20 @@ def finetune_scores(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, sho
     else:
         out_scale = torch.full((e, way), float(cfg.scale), dtype=f64, device=dev)
     coef = coef * s_sup.unsqueeze(1)                                   # weights on raw rows
-    out = torch.empty(e, query.shape[1], way, dtype=features.dtype, device=dev)
-    sub = sub_chunk_size(query.shape[1] + n, dim)
+    nq = query.shape[1]
+    out = torch.empty(e, nq, way, dtype=features.dtype, device=dev)
+    qs = out_scale.unsqueeze(1) * (inv[query].unsqueeze(-1) if cosine else 1.0)   # [e, nq, way]
+    rho_f = rho.to(features.dtype).unsqueeze(-1)
+    sub = max(1, GATHER_BUDGET // (max(n, nq) * dim))
+    buf = features.new_empty(min(sub, e) * max(n, nq), dim)
+    buf64 = buf if features.dtype == f64 else torch.empty(min(sub, e) * n, dim, dtype=f64, device=dev)
     for s in range(0, e, sub):
-        sl = slice(s, s + sub)
-        span = torch.bmm(coef[sl], gather_rows(features, support[sl], f64))
-        w = span.to(features.dtype) + rho[sl].unsqueeze(-1).to(features.dtype) * w0[sl].to(features.dtype)
-        logits = torch.bmm(gather_rows(features, query[sl]), w.transpose(1, 2))
-        qs = out_scale[sl].unsqueeze(1) * (inv[query[sl]].unsqueeze(-1) if cosine else 1.0)
-        out[sl] = logits * qs.to(features.dtype)
+        k = min(sub, e - s)
+        x = gather_into(features, support[s:s + k], buf)
+        x64 = x if buf64 is buf else buf64[:k * n].view(k, n, dim).copy_(x)
+        w = torch.bmm(coef[s:s + k], x64).to(features.dtype).add_(rho_f[s:s + k] * w0f[s:s + k])
+        torch.bmm(gather_into(features, query[s:s + k], buf), w.transpose(1, 2), out=out[s:s + k])
+    out.mul_(qs.to(features.dtype))
     if cfg.has_bias:
         out += (bias.t() * float(cfg.scale)).to(features.dtype).unsqueeze(1)
     return out

@@ -29,11 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .basis import inverse_norms, support_basis
+from .basis import GATHER_BUDGET, gather_into, inverse_norms, support_basis
 
 _STEPS = [0.5 ** i for i in range(1, 12)]   # backtracking step lengths after the full step
 _FIT_BUDGET_BYTES = 1 << 26  # working memory of one batched Newton-CG fit (about; see per_episode)
-_GATHER_BUDGET = 1 << 18     # floats per block of gathered feature rows (stays in cache)
 _MAX_CG = 100                # CG iterations per Newton step (a safeguard: a few are typical)
 _PHASE1_TOL = 1e-4           # float32 Newton stops here (well above float32 gradient noise)
 _REFINE_STEPS = 6            # float64-residual Newton steps (2-3 are typical)
@@ -227,14 +226,6 @@ def fit_logreg(coords: Tensor, y: Tensor, way: int, l2: float, fit_intercept: bo
     return alpha, bias - bias.mean(1, keepdim=True)
 
 
-def _gather(table: Tensor, index: Tensor, buf: Tensor) -> Tensor:
-    """``table[index]`` written into the reusable ``buf`` (no fresh pages per block)."""
-    flat = index.reshape(-1)
-    out = buf[:flat.numel()]
-    torch.index_select(table, 0, flat, out=out)
-    return out.view(*index.shape, table.shape[1])
-
-
 def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
                   normalize: bool = True, fit_intercept: bool = True, max_iter: int = 50,
                   tol: float = 1e-7, inv: Tensor | None = None) -> Tensor:
@@ -254,12 +245,12 @@ def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
         s_sup = torch.ones(e, n, dtype=f64, device=dev)
     # Gram matrices in float64 (they set the basis), from blocks of gathered rows.
     gram = torch.empty(e, n, n, dtype=f64, device=dev)
-    sub = max(1, _GATHER_BUDGET // (n * dim))
+    sub = max(1, GATHER_BUDGET // (n * dim))
     buf = features.new_empty(min(sub, e) * n, dim)
     buf64 = buf if features.dtype == f64 else torch.empty(buf.shape, dtype=f64, device=dev)
     for s in range(0, e, sub):
         k = min(sub, e - s)
-        x = _gather(features, support[s:s + k], buf)
+        x = gather_into(features, support[s:s + k], buf)
         if buf64 is not buf:
             x = buf64[:k * n].view(k, n, dim).copy_(x)
         torch.bmm(x, x.transpose(1, 2), out=gram[s:s + k])
@@ -282,12 +273,12 @@ def logreg_scores(features: Tensor, episodes: Tensor, shot: int, C: float = 1.0,
     # bounded by C, so nothing amplifies the rounding of these products).
     out = torch.empty(e, nq, way, dtype=f64, device=dev)
     q_scale = inv[query] if normalize else None
-    sub = max(1, _GATHER_BUDGET // (nq * dim))
+    sub = max(1, GATHER_BUDGET // (nq * dim))
     bq = features.new_empty(min(sub, e) * max(n, nq), dim)
     for s in range(0, e, sub):
         k = min(sub, e - s)
-        w = torch.bmm(coef[s:s + k], _gather(features, support[s:s + k], bq))
-        logits = torch.bmm(_gather(features, query[s:s + k], bq), w.transpose(1, 2))
+        w = torch.bmm(coef[s:s + k], gather_into(features, support[s:s + k], bq))
+        logits = torch.bmm(gather_into(features, query[s:s + k], bq), w.transpose(1, 2))
         out[s:s + k] = logits
     if normalize:
         out.mul_(q_scale.unsqueeze(-1))
