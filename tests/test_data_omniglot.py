@@ -200,6 +200,14 @@ def test_class_rotations_are_new_training_classes_only(tmp_path: Path) -> None:
     assert train.num_classes == 6
     val = build_dataset("omniglot", "val", root=str(tmp_path), class_rotations=[90, 180, 270], **split)
     assert val.class_names == ["Gamma/character01"] and len(val) == 4  # benchmark splits never rotate
+    # base_val: base plus the val alphabets, same held-out drawers, rotated like base
+    both = build_dataset("omniglot", "base_val", root=str(tmp_path), class_rotations=[90], **split)
+    assert both.class_names == ["Alpha/character01", "Beta/character01", "Gamma/character01",
+                                "Alpha/character01@rot90", "Beta/character01@rot90", "Gamma/character01@rot90"]
+    assert both.class_meta["alphabet"] == ["Alpha", "Beta", "Gamma"] * 2
+    assert torch.bincount(both.labels).tolist() == [3] * 6       # 4 drawers, the last one held out
+    plain_both = build_dataset("omniglot", "base_val", root=str(tmp_path), **split)
+    assert torch.equal(plain_both.images[:len(plain)], plain.images)   # base's images first, unchanged
     for bad, msg in (([45], "multiples of 90"), ([90, 450], "repeats"), (90, "list of angles")):
         with pytest.raises(DataError, match=msg):
             build_dataset("omniglot", "base", root=str(tmp_path), class_rotations=bad, **split)

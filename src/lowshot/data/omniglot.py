@@ -16,11 +16,13 @@ ALPHABET, so novel characters come from alphabets never seen in training (seeded
 fractions or explicit lists via ``base_alphabets`` / ``val_alphabets`` / ``novel_alphabets``,
 default 20% val and 20% novel alphabets). ``base_test`` holds the last ``heldout_drawers``
 (default 5, i.e. drawers 16-20) drawers of every base character; ``base`` then has drawers 1-15.
+``base_val`` is ``base`` plus the val alphabets (same drawers): the final training set once a
+recipe has been chosen on val (Snell et al. 2017 retrain on train + val), novel stays unseen.
 
 ``class_rotations`` (e.g. ``[90, 180, 270]``) is the classic Omniglot class augmentation
 (Santoro et al. 2016, Vinyals et al. 2016): every character rotated by each angle becomes a new
 class ("Alphabet/characterNN@rot90", same alphabet). It applies to the TRAINING splits only
-(``train``, ``base``, ``base_test``, which keep the same class list); ``val`` and ``novel``
+(``train``, ``base``, ``base_test``, ``base_val``; base and base_test keep the same class list); ``val`` and ``novel``
 are never rotated, so the one-shot benchmark stays Lake et al.'s.
 """
 from __future__ import annotations
@@ -49,8 +51,8 @@ URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 # MD5s of the official zips (as also listed by torchvision's Omniglot reader).
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
        "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
-SPLITS = ("train", "base", "base_test", "val", "novel")
-TRAINING_SPLITS = ("train", "base", "base_test")  # the splits ``class_rotations`` multiplies
+SPLITS = ("train", "base", "base_test", "val", "novel", "base_val")
+TRAINING_SPLITS = ("train", "base", "base_test", "base_val")  # the splits ``class_rotations`` multiplies
 
 PathLike = str | os.PathLike
 
@@ -299,15 +301,16 @@ def omniglot(split: str, root: PathLike | Sequence[PathLike] | None = None, imag
     if split == "train":
         ids, keep = list(range(len(names))), torch.arange(labels.numel())
     else:
-        ids = alphabet_split(alphabets, seed=seed, base_alphabets=base_alphabets,
-                             val_alphabets=val_alphabets, novel_alphabets=novel_alphabets)[
+        parts = alphabet_split(alphabets, seed=seed, base_alphabets=base_alphabets,
+                               val_alphabets=val_alphabets, novel_alphabets=novel_alphabets)
+        ids = parts["base"] + parts["val"] if split == "base_val" else parts[
             "base" if split == "base_test" else split]
         if not ids:
             raise DataError(f"omniglot split {split!r} has no alphabets (check val_alphabets/novel_alphabets)")
         chosen = torch.zeros(len(names), dtype=torch.bool)
         chosen[torch.tensor(ids)] = True
         mask = chosen[labels]
-        if split in ("base", "base_test"):
+        if split in ("base", "base_test", "base_val"):
             if isinstance(heldout_drawers, bool) or not isinstance(heldout_drawers, int) or heldout_drawers < 0:
                 raise DataError(f"heldout_drawers must be an int >= 0, got {heldout_drawers!r}")
             per_class = torch.bincount(labels, minlength=len(names))[labels]
