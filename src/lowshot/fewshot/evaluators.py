@@ -9,7 +9,7 @@ A method maps ``(features [N, D], episodes [E, way, shot + query], shot)`` to qu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .basis import gather_into, gather_rows, inverse_norms, sub_chunk_size
+from .basis import GATHER_BUDGET, gather_into, gather_rows, inverse_norms, sub_chunk_size
 from .finetune import FinetuneConfig, finetune_scores
 from .logreg import logreg_scores
 from .reference import finetune_reference
@@ -102,6 +102,12 @@ class Finetune(FewShotMethod):
         return finetune_reference(self.config, features, episodes, shot, seed, start)
 
 
+class _RowStats(NamedTuple):
+    centre: Tensor | None      # subtracted from every row (features' dtype)
+    norms: Tensor | None       # |row - centre| clamped at 1e-12 (normalize=True)
+    sq: Tensor                 # |prepared row|^2
+
+
 @register_evaluator("ncm", "protonet")
 class NearestClassMean(FewShotMethod):
     """Nearest class mean (ProtoNet / SimpleShot-style) on frozen features.
@@ -111,9 +117,10 @@ class NearestClassMean(FewShotMethod):
     L2-normalise (``normalize``), average each class's support into a prototype, and score
     queries by cosine similarity (``metric="cosine"``) or negative squared L2 distance
     (``metric="l2"``).  With ``metric="l2"`` and no normalisation, centering is a no-op
-    (distances are translation invariant).  A global centre and the normalisation are applied
-    once to the whole feature table (then each episode is a gather and one batched matmul, in
-    the features' precision); per-episode centring (``center=True``) is computed in float64.
+    (distances are translation invariant).  With a global centre (or none), each row's norm is
+    computed once; each episode then gathers its rows, centres and normalises them in place and
+    runs one batched matmul, in the features' precision.  Per-episode centring (``center=True``)
+    is computed in float64.
     """
 
     name = "ncm"
@@ -133,16 +140,14 @@ class NearestClassMean(FewShotMethod):
         self.normalize = bool(normalize)
 
     def scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int = 0) -> Tensor:
-        self._table = None
+        self._rows = None
         if not (self.center and self.center_vector is None):
             centre = self._centre(features)
-            table = features if centre is None else features - centre.to(features.dtype)
-            self._table = F.normalize(table, dim=-1) if self.normalize else table.contiguous()
-            self._sq = self._table.square().sum(-1)                       # |row|^2, once
+            self._rows = self._row_stats(features, None if centre is None else centre.to(features.dtype))
         try:
             return super().scores(features, episodes, shot, seed)
         finally:
-            self._table = None
+            self._rows = None
 
     def _centre(self, features: Tensor) -> Tensor | None:
         centre = self.center_vector
@@ -153,23 +158,57 @@ class NearestClassMean(FewShotMethod):
             centre = centre.to(features.device)
         return centre
 
-    def _table_scores(self, table: Tensor, episodes: Tensor, shot: int) -> Tensor:
-        """Scores from the centred/normalised table: gathers into reused buffers, one bmm."""
+    def _prepare(self, rows: Tensor, index: Tensor, stats: _RowStats) -> Tensor:
+        """Centre and normalise gathered rows in place: the same ops as on the whole table."""
+        if stats.centre is not None:
+            rows.sub_(stats.centre)
+        if stats.norms is not None:
+            rows.div_(stats.norms[index].unsqueeze(-1))
+        return rows
+
+    def _row_stats(self, features: Tensor, centre: Tensor | None) -> _RowStats:
+        """Per-row norms (after centring) and |prepared row|^2, from blocks in one reused buffer.
+
+        The centred, normalised table is never written: a fresh copy of a large table costs a
+        page fault per 4 KB on every call, more than all the episodes' gathers (SimpleShot's
+        loop prepares only the rows it uses).
+        """
+        n, dim = features.shape
+        norms = torch.empty(n, dtype=features.dtype, device=features.device) if self.normalize else None
+        sq = torch.empty(n, dtype=features.dtype, device=features.device)
+        block = max(1, GATHER_BUDGET // dim)
+        buf = features.new_empty(min(block, n), dim)
+        tmp = torch.empty_like(buf)
+        stats = _RowStats(centre, None, sq)
+        for s in range(0, n, block):
+            k = min(block, n - s)
+            rows = buf[:k].copy_(features[s:s + k])
+            if centre is not None:
+                rows.sub_(centre)
+            if norms is not None:   # F.normalize's rule: x / max(|x|, 1e-12)
+                norms[s:s + k] = torch.linalg.vector_norm(rows, dim=1).clamp_min_(1e-12)
+                rows.div_(norms[s:s + k].unsqueeze(-1))
+            torch.sum(torch.mul(rows, rows, out=tmp[:k]), -1, out=sq[s:s + k])
+        return stats._replace(norms=norms)
+
+    def _table_scores(self, features: Tensor, episodes: Tensor, shot: int) -> Tensor:
+        """Scores of prepared rows: gathers into a reused buffer, prepared in place, one bmm."""
+        stats = self._rows
         e, way, m = episodes.shape
-        nq, dim = way * (m - shot), table.shape[1]
-        eps = episodes.to(table.device)
+        nq, dim = way * (m - shot), features.shape[1]
+        eps = episodes.to(features.device)
         sup, qry = eps[:, :, :shot].reshape(e, -1), eps[:, :, shot:].reshape(e, nq)
-        sq = self._sq
-        out = torch.empty(e, nq, way, dtype=torch.float64, device=table.device)
+        out = torch.empty(e, nq, way, dtype=torch.float64, device=features.device)
         step = max(1, _NCM_BLOCK // (way * m * dim))
-        buf = table.new_empty(min(step, e) * way * m, dim)
+        buf = features.new_empty(min(step, e) * way * m, dim)
         for s in range(0, e, step):
             k = min(step, e - s)
-            proto = gather_into(table, sup[s:s + k], buf).view(k, way, shot, dim).mean(2)
-            q = gather_into(table, qry[s:s + k], buf)
+            si, qi = sup[s:s + k], qry[s:s + k]
+            proto = self._prepare(gather_into(features, si, buf), si, stats).view(k, way, shot, dim).mean(2)
+            q = self._prepare(gather_into(features, qi, buf), qi, stats)
             dots = torch.bmm(q, proto.transpose(1, 2))                    # [k, nq, way]
             p2 = proto.square().sum(-1).unsqueeze(1)
-            q2 = sq[qry[s:s + k]].unsqueeze(-1)
+            q2 = stats.sq[qi].unsqueeze(-1)
             if self.metric == "cosine":    # F.normalize's rule: x / max(|x|, 1e-12)
                 out[s:s + k] = dots / (q2.sqrt().clamp_min(1e-12) * p2.sqrt().clamp_min(1e-12))
             else:
@@ -178,8 +217,8 @@ class NearestClassMean(FewShotMethod):
 
     def chunk_scores(self, features: Tensor, episodes: Tensor, shot: int, seed: int,
                      start: int) -> Tensor:
-        if getattr(self, "_table", None) is not None:
-            return self._table_scores(self._table, episodes, shot)
+        if getattr(self, "_rows", None) is not None:
+            return self._table_scores(features, episodes, shot)
         e = episodes.shape[0]
         dev, dim = features.device, features.shape[1]
         eps = episodes.to(dev)
