@@ -17,7 +17,7 @@ fractions or explicit lists via ``base_alphabets`` / ``val_alphabets`` / ``novel
 default 20% val and 20% novel alphabets). ``base_test`` holds the last ``heldout_drawers``
 (default 5, i.e. drawers 16-20) drawers of every base character; ``base`` then has drawers 1-15.
 ``base_val`` is ``base`` plus the val alphabets (same drawers): the final training set once a
-recipe has been chosen on val (Snell et al. 2017 retrain on train + val), novel stays unseen.
+recipe has been chosen on val (retraining on train + val); novel stays unseen.
 
 ``class_rotations`` (e.g. ``[90, 180, 270]``) is the classic Omniglot class augmentation
 (Santoro et al. 2016, Vinyals et al. 2016): every character rotated by each angle becomes a new
