@@ -286,7 +286,6 @@ def finetune_scores(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, sho
     coef = coef * s_sup.unsqueeze(1)                                   # weights on raw rows
     nq = query.shape[1]
     out = torch.empty(e, nq, way, dtype=features.dtype, device=dev)
-    qs = out_scale.unsqueeze(1) * (inv[query].unsqueeze(-1) if cosine else 1.0)   # [e, nq, way]
     rho_f = rho.to(features.dtype).unsqueeze(-1)
     sub = max(1, GATHER_BUDGET // (max(n, nq) * dim))
     buf = features.new_empty(min(sub, e) * max(n, nq), dim)
@@ -296,8 +295,9 @@ def finetune_scores(cfg: FinetuneConfig, features: Tensor, episodes: Tensor, sho
         x = gather_into(features, support[s:s + k], buf)
         x64 = x if buf64 is buf else buf64[:k * n].view(k, n, dim).copy_(x)
         w = torch.bmm(coef[s:s + k], x64).to(features.dtype).add_(rho_f[s:s + k] * w0f[s:s + k])
-        torch.bmm(gather_into(features, query[s:s + k], buf), w.transpose(1, 2), out=out[s:s + k])
-    out.mul_(qs.to(features.dtype))
+        logits = torch.bmm(gather_into(features, query[s:s + k], buf), w.transpose(1, 2), out=out[s:s + k])
+        qs = out_scale[s:s + k].unsqueeze(1) * (inv[query[s:s + k]].unsqueeze(-1) if cosine else 1.0)
+        logits.mul_(qs.to(features.dtype))
     if cfg.has_bias:
         out += (bias.t() * float(cfg.scale)).to(features.dtype).unsqueeze(1)
     return out
