@@ -179,7 +179,6 @@ class NearestClassMean(FewShotMethod):
         block = max(1, GATHER_BUDGET // dim)
         buf = features.new_empty(min(block, n), dim)
         tmp = torch.empty_like(buf)
-        stats = _RowStats(centre, None, sq)
         for s in range(0, n, block):
             k = min(block, n - s)
             rows = buf[:k].copy_(features[s:s + k])
@@ -189,7 +188,7 @@ class NearestClassMean(FewShotMethod):
                 norms[s:s + k] = torch.linalg.vector_norm(rows, dim=1).clamp_min_(1e-12)
                 rows.div_(norms[s:s + k].unsqueeze(-1))
             torch.sum(torch.mul(rows, rows, out=tmp[:k]), -1, out=sq[s:s + k])
-        return stats._replace(norms=norms)
+        return _RowStats(centre, norms, sq)
 
     def _table_scores(self, features: Tensor, episodes: Tensor, shot: int) -> Tensor:
         """Scores of prepared rows: gathers into a reused buffer, prepared in place, one bmm."""
