@@ -65,12 +65,6 @@ def inverse_norms(features: Tensor) -> Tensor:
     return norms.to(torch.float64).clamp_min(1e-12).reciprocal()
 
 
-def gather_rows(table: Tensor, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``table[index]`` with the index's shape plus the feature dim, optionally cast."""
-    rows = torch.nn.functional.embedding(index, table)
-    return rows if dtype is None else rows.to(dtype)
-
-
 def gather_into(table: Tensor, index: Tensor, buf: Tensor) -> Tensor:
     """``table[index]`` written into the reusable ``buf`` (rows >= index.numel()).
 
@@ -81,8 +75,3 @@ def gather_into(table: Tensor, index: Tensor, buf: Tensor) -> Tensor:
     out = buf[:flat.numel()]
     torch.index_select(table, 0, flat, out=out)
     return out.view(*index.shape, table.shape[1])
-
-
-def sub_chunk_size(rows_per_item: int, dim: int, budget: int = 1 << 21) -> int:
-    """Items per block so that one block of gathered rows holds <= ``budget`` floats."""
-    return max(1, budget // max(1, rows_per_item * dim))

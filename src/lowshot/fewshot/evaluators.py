@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .basis import GATHER_BUDGET, gather_into, gather_rows, inverse_norms, sub_chunk_size
+from .basis import GATHER_BUDGET, gather_into, inverse_norms
 from .finetune import FinetuneConfig, finetune_scores
 from .logreg import logreg_scores
 from .reference import finetune_reference
@@ -219,18 +219,15 @@ class NearestClassMean(FewShotMethod):
         if getattr(self, "_rows", None) is not None:
             return self._table_scores(features, episodes, shot)
         e = episodes.shape[0]
-        dev, dim = features.device, features.shape[1]
-        eps = episodes.to(dev)
-        centre = self.center_vector
-        if centre is not None:
-            if centre.numel() != dim:
-                raise DataError(f"ncm center_vector has {centre.numel()} values, "
-                                f"the features have {dim} dims")
-            centre = centre.to(dev)
+        dim = features.shape[1]
+        eps = episodes.to(features.device)
+        centre = self._centre(features)
         out = []
-        step = sub_chunk_size(eps.shape[2], dim)
+        rows_per_episode = eps.shape[1] * eps.shape[2]
+        step = max(1, GATHER_BUDGET // (rows_per_episode * dim))
+        buf = features.new_empty(min(step, e) * rows_per_episode, dim)
         for s in range(0, e, step):
-            x = gather_rows(features, eps[s:s + step], dtype=torch.float64)   # [e', way, m, D]
+            x = gather_into(features, eps[s:s + step], buf).to(torch.float64)   # [e', way, m, D]
             if centre is not None:
                 x = x - centre
             elif self.center:
