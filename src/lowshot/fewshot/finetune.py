@@ -96,7 +96,7 @@ class FinetuneConfig:
 class Draws(NamedTuple):
     weight: Tensor   # [E, way, D] float32 initial head weights
     bias: Tensor     # [E, way] float32 initial bias (drawn even when unused)
-    perms: Tensor    # [E, passes, n] int16/int32 support order of each pass
+    perms: Tensor    # [E, passes, n] int16/int32 support order of each pass (episodes on the unit stride)
 
 
 def _mix(seed: int, block: int) -> int:
@@ -112,7 +112,7 @@ def _shuffles(u: Tensor, n: int) -> Tensor:
 
     Swap ``i`` takes ``j = floor(u[i-1] * (i + 1))``; float32 uniforms have 24 random bits, so
     each ``j`` is uniform up to a relative 2^-24 * n (``np.random.permutation``: exact).
-    Returns ``[R, n]``.
+    Returns ``[n, R]`` (column ``k`` is the permutation drawn from ``u[:, k]``).
     """
     rows = u.shape[1]
     small = torch.int16 if n < (1 << 15) else torch.int32                     # compact storage
@@ -122,7 +122,7 @@ def _shuffles(u: Tensor, n: int) -> Tensor:
         keep = perm[i].clone()
         perm[i] = perm.gather(0, j).squeeze(0)
         perm.scatter_(0, j, keep.unsqueeze(0))
-    return perm.t()
+    return perm
 
 
 def episode_draws(seed: int, start: int, stop: int, way: int, dim: int, n_support: int,
@@ -142,7 +142,13 @@ def episode_draws(seed: int, start: int, stop: int, way: int, dim: int, n_suppor
         bias[sl].uniform_(-bound, bound, generator=gen)
         u[:, i * cols:(i + 1) * cols] = torch.rand(u.shape[0], cols, generator=gen)
     lo, hi = start - first * _RNG_BLOCK, stop - first * _RNG_BLOCK
-    perms = _shuffles(u[:, lo * passes:hi * passes], n_support).reshape(hi - lo, passes, n_support)
+    e = hi - lo
+    # Shuffle in (pass, episode) column order: each column's permutation depends only on its own
+    # uniforms, and the result, viewed [E, passes, n], has episodes on the unit stride, which
+    # makes the solver's per-pass [n, E] orders one contiguous copy instead of a strided one.
+    rows = u.shape[0]
+    u = u[:, lo * passes:hi * passes].reshape(rows, e, passes).transpose(1, 2).reshape(rows, passes * e)
+    perms = _shuffles(u, n_support).view(n_support, passes, e).permute(2, 1, 0)
     return Draws(weight[lo:hi], bias[lo:hi], perms)
 
 
@@ -174,7 +180,8 @@ def _solve(cfg: FinetuneConfig, A: Tensor, bias: Tensor, coords: Tensor, perms: 
     span, bspan = A[:r], buf[:r]
     xp = yp = A  # set at each pass start
     # Every pass's support order as [passes, n, E] int64 at once: a per-pass int16 -> int64
-    # strided copy cost about as much as the pass's column gather (int32 arithmetic is slower).
+    # copy cost about as much as the pass's column gather (int32 arithmetic is slower); the
+    # draws keep episodes on the unit stride, so this is one streaming copy.
     orders = perms.to(A.device).permute(1, 2, 0).to(torch.int64).contiguous()
     for t in range(steps):
         p, j = divmod(t, per_pass)
