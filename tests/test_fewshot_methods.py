@@ -249,6 +249,18 @@ def test_logreg_fit_is_float64_optimal_per_episode_and_batch_independent():
         torch.testing.assert_close(solo[1][0], b[i], rtol=0, atol=1e-10)
 
 
+def test_ncm_table_path_keeps_float32_precision_under_a_large_common_offset():
+    """Centring must happen on the rows: x.c - m.c in float32 loses digits when |m| >> spread."""
+    x, y = _clusters(seed=7)
+    x = (x + 30.0).float()
+    centre = x.double().mean(0)
+    eps = sample_episodes(y, 5, 1, 4, 50, seed=3)
+    for metric in ("l2", "cosine"):
+        ours = NearestClassMean(metric=metric, center_vector=centre, normalize=True).scores(x, eps, 1)
+        exact = NearestClassMean(metric=metric, center_vector=centre, normalize=True).scores(x.double(), eps, 1)
+        torch.testing.assert_close(ours, exact, rtol=0, atol=5e-6)   # naive algebra: 1.5e-5
+
+
 def test_ncm_table_path_matches_simpleshot_numpy_loop():
     """Global centre + normalisation applied once to the table == SimpleShot's per-episode code."""
     x, y = _clusters(seed=5)

@@ -118,8 +118,8 @@ class NearestClassMean(FewShotMethod):
     queries by cosine similarity (``metric="cosine"``) or negative squared L2 distance
     (``metric="l2"``).  With ``metric="l2"`` and no normalisation, centering is a no-op
     (distances are translation invariant).  With a global centre (or none), each row's norm is
-    computed once; each episode then gathers its rows, centres and normalises them in place and
-    runs one batched matmul, in the features' precision.  Per-episode centring (``center=True``)
+    computed once; each block of episodes gathers its raw rows and runs one batched matmul, the
+    centre and the norms entering the small score block algebraically, in the features' precision.  Per-episode centring (``center=True``)
     is computed in float64.
     """
 
@@ -158,14 +158,6 @@ class NearestClassMean(FewShotMethod):
             centre = centre.to(features.device)
         return centre
 
-    def _prepare(self, rows: Tensor, index: Tensor, stats: _RowStats) -> Tensor:
-        """Centre and normalise gathered rows in place: the same ops as on the whole table."""
-        if stats.centre is not None:
-            rows.sub_(stats.centre)
-        if stats.norms is not None:
-            rows.div_(stats.norms[index].unsqueeze(-1))
-        return rows
-
     def _row_stats(self, features: Tensor, centre: Tensor | None) -> _RowStats:
         """Per-row norms (after centring) and |prepared row|^2, from blocks in one reused buffer.
 
@@ -191,21 +183,41 @@ class NearestClassMean(FewShotMethod):
         return _RowStats(centre, norms, sq)
 
     def _table_scores(self, features: Tensor, episodes: Tensor, shot: int) -> Tensor:
-        """Scores of prepared rows: gathers into a reused buffer, prepared in place, one bmm."""
+        """Scores with a global centre ``m`` (or none): one bmm per block of gathered rows.
+
+        A prepared row is ``r_i = (x_i - m) a_i`` with ``a_i = 1 / |x_i - m|`` under
+        ``normalize`` (else 1).  The centre is subtracted on the gathered rows (``x_q . c - m . c``
+        would cancel digits when ``|m|`` dwarfs the spread), but the norms enter algebraically:
+        a prototype is the ``a``-weighted mean of centred supports (one small matmul) and a
+        query's dot is ``a_q ((x_q - m) . c)``, scaled on the ``[way, nq]`` score block instead
+        of dividing every gathered query row (one pass fewer over the largest buffer).
+        """
         stats = self._rows
         e, way, m = episodes.shape
         nq, dim = way * (m - shot), features.shape[1]
         eps = episodes.to(features.device)
         sup, qry = eps[:, :, :shot].reshape(e, -1), eps[:, :, shot:].reshape(e, nq)
         out = torch.empty(e, nq, way, dtype=torch.float64, device=features.device)
+        inv = None if stats.norms is None else stats.norms.reciprocal()
         step = max(1, _NCM_BLOCK // (way * m * dim))
         buf = features.new_empty(min(step, e) * way * m, dim)
         for s in range(0, e, step):
             k = min(step, e - s)
             si, qi = sup[s:s + k], qry[s:s + k]
-            proto = self._prepare(gather_into(features, si, buf), si, stats).view(k, way, shot, dim).mean(2)
-            q = self._prepare(gather_into(features, qi, buf), qi, stats)
-            dots = torch.bmm(q, proto.transpose(1, 2))                    # [k, nq, way]
+            xs = gather_into(features, si, buf).view(k, way, shot, dim)
+            if stats.centre is not None:   # on the rows: x . c - m . c would cancel digits
+                xs.sub_(stats.centre)
+            if inv is None:
+                proto = xs.mean(2)
+            else:
+                proto = torch.matmul(inv[si].view(k, way, 1, shot) / shot, xs).squeeze(2)
+            q = gather_into(features, qi, buf)
+            if stats.centre is not None:
+                q.sub_(stats.centre)
+            dots = torch.bmm(proto, q.transpose(1, 2))                    # [k, way, nq]
+            if inv is not None:
+                dots.mul_(inv[qi].unsqueeze(1))
+            dots = dots.transpose(1, 2)
             p2 = proto.square().sum(-1).unsqueeze(1)
             q2 = stats.sq[qi].unsqueeze(-1)
             if self.metric == "cosine":    # F.normalize's rule: x / max(|x|, 1e-12)
