@@ -118,9 +118,9 @@ class NearestClassMean(FewShotMethod):
     queries by cosine similarity (``metric="cosine"``) or negative squared L2 distance
     (``metric="l2"``).  With ``metric="l2"`` and no normalisation, centering is a no-op
     (distances are translation invariant).  With a global centre (or none), each row's norm is
-    computed once; each block of episodes gathers its raw rows and runs one batched matmul, the
-    centre and the norms entering the small score block algebraically, in the features' precision.  Per-episode centring (``center=True``)
-    is computed in float64.
+    computed once; each block of episodes gathers its rows and centres them in place, the norms
+    scale the small score block, and one batched matmul scores it, in the features' precision.
+    Per-episode centring (``center=True``) is computed in float64.
     """
 
     name = "ncm"
