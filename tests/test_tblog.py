@@ -4,9 +4,11 @@ import math
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from lowshot.config import Config, load_config
 from lowshot.tblog import TensorBoardLog
@@ -216,3 +218,29 @@ def test_torchrun_writes_one_event_file_from_rank_0(tmp_path):
     sc = scalars(run / "tensorboard")
     assert [s for s, _ in sc["step/loss"]] == list(range(1, 7))  # 200 images / global batch 32
     assert_epochs_match_metrics(sc, read_jsonl(run / "metrics.jsonl"))  # train_loss over both processes
+
+
+def test_a_resume_in_the_same_second_still_sorts_after_the_earlier_event_file(tmp_path):
+    """TensorBoard reads a folder's files in name order, and names start with the whole second the
+    writer opened (then host and pid, which sort arbitrarily): a resume that opens within the same
+    second as the killed process must still get a later name, or its steps are read first."""
+    first = TensorBoardLog(True, flush_every=1)
+    first.open(tmp_path, 0, resumed=False)
+    for k in (1, 2, 3):
+        first.step(k, torch.tensor(float(k)), 0.1)
+    first.close()
+    (old,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    # as if written by a pid that sorts after ours, one second ahead: a writer opened at once
+    # would have an earlier (or, a moment later, the same) second and sort first
+    parts = old.name.split(".")
+    parts[3], parts[5] = "%010d" % (int(time.time()) + 1), "9" * 9
+    later = old.with_name(".".join(parts))
+    old.rename(later)
+    resumed = TensorBoardLog(True, flush_every=1)
+    resumed.open(tmp_path, 2, resumed=True)  # the checkpoint was at step 2: step 3 is redone
+    resumed.step(3, torch.tensor(30.0), 0.1)
+    resumed.step(4, torch.tensor(40.0), 0.1)
+    resumed.close()
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0] == later
+    assert scalars(tmp_path / "tensorboard")["step/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

@@ -14,12 +14,16 @@ Step losses stay on the device until a flush (every ``flush_every`` steps, befor
 checkpoint, at the end), so logging adds one GPU sync per ``flush_every`` steps and none
 otherwise. Events are on disk before each checkpoint is written, and a resumed run opens a new
 event file in the same folder with ``purge_step`` = its first step: TensorBoard then drops what
-the interrupted process logged after that checkpoint, so no step is shown twice. When disabled
+the interrupted process logged after that checkpoint, so no step is shown twice. TensorBoard reads
+a folder's files in name order and a name starts with the second its writer opened (then host and
+pid, which sort arbitrarily), so a resume waits, at most a second or two, until its name sorts after
+every file already there. When disabled
 (the default) every method returns at once and tensorboard is never imported.
 """
 from __future__ import annotations
 
 import numbers
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,27 @@ from .errors import ConfigError
 
 DIRNAME = "tensorboard"
 INSTALL_HINT = "pip install 'lowshot[tensorboard]'"
+PREFIX = "events.out.tfevents."
+MAX_WAIT_S = 2.0  # a folder stamped further ahead is a skewed clock: waiting would not be bounded
+
+
+def wait_until_names_sort_last(logdir: Path, max_wait_s: float = MAX_WAIT_S) -> None:
+    """Sleep until the current whole second is past the stamp of every event file in ``logdir``.
+
+    The stamp is the 10-digit ``%010d`` second after the prefix; a new writer's file then sorts
+    after all of them whatever its host and pid. Stamps more than ``max_wait_s`` ahead of the clock
+    are not waited for.
+    """
+    stamps = [int(part) for f in logdir.glob(PREFIX + "*")
+              if (part := f.name[len(PREFIX):].split(".", 1)[0]).isdigit()]
+    if not stamps:
+        return
+    until = max(stamps) + 1  # the first second whose stamp sorts after them all
+    wait = until - time.time()
+    if 0 < wait <= max_wait_s:
+        time.sleep(wait)
+        while time.time() < until:  # sleep may return a hair early
+            time.sleep(0.01)
 
 
 def summary_writer_class() -> type:
@@ -57,7 +82,10 @@ class TensorBoardLog:
         """Start writing under ``run_dir/tensorboard``; ``step`` is the last step already done."""
         if self._writer_cls is None or self._writer is not None:
             return
-        self._writer = self._writer_cls(log_dir=str(Path(run_dir) / DIRNAME),
+        logdir = Path(run_dir) / DIRNAME
+        if resumed:
+            wait_until_names_sort_last(logdir)
+        self._writer = self._writer_cls(log_dir=str(logdir),
                                         purge_step=step + 1 if resumed else None, flush_secs=30)
 
     def step(self, step: int, loss: torch.Tensor, lr: float) -> None:
